@@ -1,0 +1,1 @@
+"""Data pipeline: tokenizers, cleaning, dedup, mixtures, packing and loaders (later issues)."""

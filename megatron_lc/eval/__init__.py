@@ -1,0 +1,1 @@
+"""Evaluation: needle-in-a-haystack, loss by position and domain (later issues)."""

@@ -1,0 +1,151 @@
+"""HF checkpoint folders in and out: config.json + model.safetensors (or sharded with model.safetensors.index.json).
+
+``load_hf`` reads Qwen2 (and Llama: no q/k/v bias) folders written by transformers; ``save_hf`` writes folders that
+``transformers.AutoModelForCausalLM.from_pretrained`` loads as Qwen2ForCausalLM (LlamaForCausalLM without bias).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..configtools import ConfigError
+from .config import from_hf_config, to_hf_config
+from .transformer import Transformer
+
+_LAYER_RENAMES = {  # ours (inside layers.{i}.) -> HF (inside model.layers.{i}.)
+    "attn_norm.": "input_layernorm.",
+    "mlp_norm.": "post_attention_layernorm.",
+    "attn.": "self_attn.",
+    "mlp.": "mlp.",
+}
+_IGNORED_HF = re.compile(r".*rotary_emb\.inv_freq$")  # older checkpoints saved the RoPE buffer; we rebuild it
+
+
+def to_hf_name(name: str) -> str:
+    """Our parameter name -> the HF Qwen2 tensor name."""
+    if name == "embed.weight":
+        return "model.embed_tokens.weight"
+    if name == "norm.weight":
+        return "model.norm.weight"
+    if name == "lm_head.weight":
+        return name
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
+    if m:
+        for ours, theirs in _LAYER_RENAMES.items():
+            if m.group(2).startswith(ours):
+                return f"model.layers.{m.group(1)}.{theirs}{m.group(2)[len(ours):]}"
+    raise KeyError(f"no HF name for parameter {name}")
+
+
+def _dtype_from_name(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    dtype = getattr(torch, str(name).replace("torch.", ""), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ConfigError(f"unknown dtype {name!r}")
+    return dtype
+
+
+def _tensor_files(path: str) -> dict[str, str]:
+    """HF tensor name -> safetensors file that holds it."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        return {name: os.path.join(path, file) for name, file in weight_map.items()}
+    if os.path.isfile(single):
+        with safe_open(single, framework="pt") as f:
+            return {name: single for name in f.keys()}
+    raise FileNotFoundError(f"{path} has neither model.safetensors nor model.safetensors.index.json "
+                            f"(.bin checkpoints are not read: convert them with transformers' save_pretrained)")
+
+
+def load_hf(path: str, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu",
+            **config_overrides) -> Transformer:
+    """Build a Transformer from an HF Qwen2/Llama folder. dtype defaults to the config's torch_dtype (else fp32);
+    ``config_overrides`` replace ModelConfig fields (e.g. ``rope_theta=5e6``)."""
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{config_path} not found: load_hf wants a folder with config.json and safetensors")
+    with open(config_path) as f:
+        hf_config = json.load(f)
+    config = dataclasses.replace(from_hf_config(hf_config), **config_overrides)
+    if dtype is None:
+        dtype = hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32"
+    dtype = _dtype_from_name(dtype) if isinstance(dtype, str) else dtype
+
+    with torch.device("meta"):
+        model = Transformer(config)
+    model.to_empty(device=device)
+    model.to(dtype)
+    params = dict(model.named_parameters())  # tied lm_head appears under embed.weight only
+    expected = {to_hf_name(n): n for n in params}
+    files = _tensor_files(path)
+
+    tied = config.tie_word_embeddings
+    unexpected = [n for n in files if n not in expected and not _IGNORED_HF.match(n)
+                  and not (tied and n == "lm_head.weight")]
+    missing = [n for n in expected if n not in files]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not match the config: missing tensors {missing[:8]}"
+                         f"{' ...' if len(missing) > 8 else ''}; unexpected tensors {unexpected[:8]}"
+                         f"{' ...' if len(unexpected) > 8 else ''}")
+    by_file: dict[str, list[str]] = {}
+    for hf_name in expected:
+        by_file.setdefault(files[hf_name], []).append(hf_name)
+    with torch.no_grad():
+        for file, names in by_file.items():
+            with safe_open(file, framework="pt") as f:
+                for hf_name in names:
+                    param = params[expected[hf_name]]
+                    tensor = f.get_tensor(hf_name)
+                    if tensor.shape != param.shape:
+                        raise ValueError(f"tensor {hf_name} in {os.path.basename(file)} has shape "
+                                         f"{tuple(tensor.shape)}, the config expects {tuple(param.shape)}")
+                    param.copy_(tensor)
+    return model
+
+
+def save_hf(model: Transformer, path: str, dtype: torch.dtype | None = None,
+            max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write ``model`` as an HF folder (config.json + safetensors, sharded above ``max_shard_bytes``)."""
+    os.makedirs(path, exist_ok=True)
+    for old in os.listdir(path):  # a previous save's shards would otherwise mix with this one's
+        if old.startswith("model") and (old.endswith(".safetensors") or old.endswith(".safetensors.index.json")):
+            os.remove(os.path.join(path, old))
+    tensors = {}
+    for name, param in model.named_parameters():  # tied weights appear once (embed.weight)
+        t = param.detach()
+        tensors[to_hf_name(name)] = (t.to(dtype) if dtype is not None else t).contiguous().cpu()
+    dtype_name = str(next(iter(tensors.values())).dtype).replace("torch.", "")
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(path, "model.safetensors"), metadata=meta)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(path, file), metadata=meta)
+            weight_map.update({name: file for name in shard})
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(to_hf_config(model.config, dtype_name), f, indent=2)

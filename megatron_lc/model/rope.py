@@ -1,0 +1,65 @@
+"""Rotary position embedding with fp32 tables built from float64 angles.
+
+The frequencies and cos/sin tables are plain attributes, not parameters or buffers, so ``model.to(torch.bfloat16)``
+can never round them: bf16 holds integers exactly only up to 256, so a bf16 position or angle table is wrong long
+before 32K. Tables are built once per device (and grown when a longer position shows up) and gathered by position
+id, so zigzag shards, packed documents and DCA positions all work; they are cast to the activation dtype only at the
+multiply.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import ModelConfig
+
+
+def inverse_frequencies(head_dim: int, theta: float) -> torch.Tensor:
+    """``1 / theta^(2i/head_dim)`` for i in [0, head_dim/2), computed in float64, returned fp32: ``[head_dim/2]``."""
+    # explicit CPU: the model may be built under `with torch.device("meta")`, and the tables must stay real
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim
+    return (1.0 / theta**exponent).to(torch.float32)
+
+
+class RotaryEmbedding:
+    """cos/sin tables ``[P, head_dim/2]`` fp32 for positions 0..P-1, per device, gathered by position ids."""
+
+    def __init__(self, config: ModelConfig):
+        self.head_dim = config.head_dim
+        self.inv_freq = inverse_frequencies(config.head_dim, config.rope_theta)  # [D/2] fp32, CPU
+        self.min_positions = config.max_position_embeddings
+        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def table(self, num_positions: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin ``[P, head_dim/2]`` fp32 on ``device`` with P >= num_positions."""
+        device = torch.device(device)
+        cached = self._tables.get(device)
+        if cached is None or cached[0].shape[0] < num_positions:
+            size = max(self.min_positions, 2 ** math.ceil(math.log2(max(num_positions, 1))))
+            # float64 angles from the fp32 frequencies the model uses; cos/sin of float64 stay accurate at 1M+.
+            angles = torch.outer(torch.arange(size, dtype=torch.float64, device="cpu"), self.inv_freq.to(torch.float64))
+            cached = (angles.cos().to(torch.float32).to(device), angles.sin().to(torch.float32).to(device))
+            self._tables[device] = cached
+        return cached
+
+    def __call__(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids ``[B, S]`` int64 -> cos, sin ``[B, S, head_dim/2]`` fp32."""
+        if position_ids.is_floating_point():
+            raise TypeError(f"position_ids must be an integer tensor, got {position_ids.dtype}")
+        if position_ids.numel() and int(position_ids.min()) < 0:
+            raise ValueError(f"position_ids must be >= 0, got min {int(position_ids.min())}")
+        max_pos = int(position_ids.max()) + 1 if position_ids.numel() else 1
+        cos, sin = self.table(max_pos, position_ids.device)
+        return cos[position_ids], sin[position_ids]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x: [B, S, H, D]`` by cos/sin ``[B, S, D/2]`` (fp32) in the NeoX half-split layout of Qwen2/HF.
+
+    Equals ``x * cat(cos, cos) + rotate_half(x) * cat(sin, sin)`` with cos/sin cast to x.dtype first, as HF does.
+    """
+    cos = cos.to(x.dtype).unsqueeze(2)  # [B, S, 1, D/2]
+    sin = sin.to(x.dtype).unsqueeze(2)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

@@ -1,0 +1,210 @@
+"""A Qwen2-style decoder that matches HF Qwen2ForCausalLM numerically and knows nothing of parallelism.
+
+Pre-norm blocks: x + attn(rmsnorm(x)), then x + mlp(rmsnorm(x)). Attention goes through ``self.attn_fn`` of each
+``Attention`` module (``megatron_lc.ops.attention`` by default), which parallelize/ContextParallel replace.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import ops
+from .config import ModelConfig
+from .rope import RotaryEmbedding, apply_rotary
+
+
+class RMSNorm(nn.Module):
+    """``x / rms(x) * weight`` with the statistics in fp32, cast back before the weight (as HF Qwen2)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding: ``k, v: [B, max_len, H_kv, D]`` per layer."""
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device | str):
+        shape = (batch_size, max_len, config.num_kv_heads, config.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.max_len = max_len
+        self.length = 0  # tokens already cached (the same for every layer once a forward completes)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append k/v ``[B, S, H_kv, D]`` after the cached tokens; return all keys/values ``[B, length+S, H_kv, D]``."""
+        end = self.length + k.shape[1]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} tokens; {end} needed: build it with a larger max_len")
+        self.keys[layer][:, self.length:end] = k
+        self.values[layer][:, self.length:end] = v
+        return self.keys[layer][:, :end], self.values[layer][:, :end]
+
+
+class Attention(nn.Module):
+    """GQA self-attention with RoPE; q/k/v have a bias (Qwen2), o does not."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d, h, hkv = config.head_dim, config.num_heads, config.num_kv_heads
+        self.num_heads, self.num_kv_heads, self.head_dim = h, hkv, d
+        self.q_proj = nn.Linear(config.hidden_size, h * d, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, hkv * d, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, hkv * d, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(h * d, config.hidden_size, bias=False)
+        self.attn_fn: Callable[..., torch.Tensor] = ops.attention
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
+                layer: int = 0) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = apply_rotary(self.q_proj(x).view(b, s, self.num_heads, self.head_dim), cos, sin)  # [B, S, H, D]
+        k = apply_rotary(self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim), cos, sin)  # [B, S, Hkv, D]
+        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        out = self.attn_fn(q, k, v, causal=True)  # [B, S, H, D]
+        return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``, no biases."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """One pre-norm Transformer layer."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = Attention(config)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
+                layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+def param_seed(seed: int, name: str) -> int:
+    """A 63-bit seed from (seed, parameter name): the same draw for a parameter whatever device or sharding."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") >> 1
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM. ``forward(input_ids [B, S]) -> logits [B, S, V]``, or the loss when labels are given."""
+
+    def __init__(self, config: ModelConfig, seed: int = 0):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+        # Not a buffer: model.to(dtype) must not round the tables (see rope.py).
+        self.rope = RotaryEmbedding(config)
+        if self.embed.weight.device.type != "meta":  # a meta build is initialised after to_empty (or sharding)
+            self.init_weights(seed)
+
+    # ---- init -------------------------------------------------------------------------------------------------
+    def initial_value(self, name: str, shape: torch.Size, seed: int) -> torch.Tensor:
+        """The initial fp32 CPU tensor of parameter ``name``: N(0, init_std) for weights of linear and embedding
+        layers, zeros for biases, ones for norms. Each is drawn from its own generator seeded by (seed, name)."""
+        if name.endswith("norm.weight"):
+            return torch.ones(shape)
+        if name.endswith(".bias"):
+            return torch.zeros(shape)
+        gen = torch.Generator().manual_seed(param_seed(seed, name))
+        return torch.empty(shape).normal_(0.0, self.config.init_std, generator=gen)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """(Re)initialise every parameter in place, deterministically per parameter name. Works after
+        ``to_empty`` on a meta-built model; the result equals an eager build with the same seed, bit for bit."""
+        for name, param in self.named_parameters():  # tied weights appear once, under embed.weight
+            param.copy_(self.initial_value(name, param.shape, seed))
+
+    # ---- forward ----------------------------------------------------------------------------------------------
+    def set_attention(self, fn: Callable[..., torch.Tensor]) -> None:
+        """Route every layer's attention through ``fn(q, k, v, *, causal, softmax_scale=None)``."""
+        for block in self.layers:
+            block.attn.attn_fn = fn
+
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                      cache: KVCache | None = None) -> torch.Tensor:
+        """input_ids ``[B, S]`` int64 -> final-norm hidden states ``[B, S, hidden]`` in the model dtype."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, S], got shape {tuple(input_ids.shape)}")
+        b, s = input_ids.shape
+        if position_ids is None:
+            start = cache.length if cache is not None else 0
+            position_ids = torch.arange(start, start + s, device=input_ids.device).unsqueeze(0).expand(b, s)
+        elif position_ids.shape != input_ids.shape:
+            raise ValueError(f"position_ids {tuple(position_ids.shape)} must match input_ids {tuple(input_ids.shape)}")
+        cos, sin = self.rope(position_ids)  # [B, S, D/2] fp32
+        x = self.embed(input_ids)
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, cache, i)
+        if cache is not None:
+            cache.length += s
+        return self.norm(x)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        reduction: str = "mean",
+        logits_to_keep: int | None = None,
+        cache: KVCache | None = None,
+    ):
+        """Logits or loss.
+
+        input_ids, position_ids, labels: ``[B, S]`` int64. labels are aligned (``labels[:, t]`` is the target of
+        position t; the model never shifts) with -100 where no loss is taken.
+        - no labels: logits ``[B, S, V]``, or ``[B, logits_to_keep, V]`` for the last positions only.
+        - labels, ``reduction="mean"``: fp32 scalar mean over target tokens (0 when there are none).
+        - labels, ``reduction="sum"``: (fp32 sum of token losses, int64 count of target tokens).
+        The loss runs in token chunks and never holds logits for all tokens.
+        """
+        h = self.hidden_states(input_ids, position_ids, cache)
+        if labels is None:
+            if logits_to_keep is not None:
+                if logits_to_keep <= 0:
+                    raise ValueError(f"logits_to_keep must be a positive number of positions, got {logits_to_keep}")
+                h = h[:, -logits_to_keep:]
+            return self.lm_head(h)
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)} "
+                             f"(aligned: labels[:, t] is the target of position t)")
+        loss_sum, count = ops.linear_cross_entropy(
+            h.reshape(-1, h.shape[-1]), self.lm_head.weight, labels.reshape(-1), self.config.loss_chunk_tokens
+        )
+        if reduction == "sum":
+            return loss_sum, count
+        if reduction == "mean":
+            return loss_sum / count.clamp(min=1)
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")

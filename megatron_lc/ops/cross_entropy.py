@@ -1,0 +1,89 @@
+"""Linear + cross-entropy over token chunks: logits for all tokens never exist at once.
+
+At 128K tokens a 151,936-word vocabulary gives 19.5G logits (78 GB in fp32). This torch path walks the tokens in
+chunks; for each chunk it computes the logits, the loss and, when gradients are wanted, the gradients of hidden and
+weight right away (as Liger's fused linear-CE does), so backward only scales them: three matmuls in all, as plain
+cross-entropy, and at most about three ``[chunk, V]`` fp32-sized buffers alive at a time.
+"""
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+_CHUNK_BYTES = 256 * 2**20
+
+
+def auto_chunk_tokens(vocab_size: int) -> int:
+    """Largest power of two with ``chunk x vocab x 4 B <= 256 MiB`` (at least 16)."""
+    chunk = 16
+    while chunk * 2 * vocab_size * 4 <= _CHUNK_BYTES:
+        chunk *= 2
+    return chunk
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_tokens, need_grad):
+        n, v = hidden.shape[0], weight.shape[0]
+        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if need_grad else None
+        # fp32 accumulation across chunks: bf16 accumulation of the weight gradient drifts.
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
+        for start in range(0, n, chunk_tokens):
+            h = hidden[start:start + chunk_tokens]  # [c, H]
+            y = labels[start:start + chunk_tokens]  # [c]
+            logits = (h @ weight.t()).float()  # [c, V] fp32
+            valid = y != IGNORE_INDEX
+            safe_y = torch.where(valid, y, 0)
+            lse = torch.logsumexp(logits, dim=-1)  # [c]
+            target_logit = logits.gather(1, safe_y.unsqueeze(1)).squeeze(1)
+            loss_sum += ((lse - target_logit) * valid).sum()
+            if need_grad:
+                # d(loss)/d(logits) = softmax - onehot(target), zero on ignored rows; computed in place.
+                grad_logits = logits.sub_(lse.unsqueeze(1)).exp_()
+                grad_logits.scatter_add_(1, safe_y.unsqueeze(1), torch.full_like(lse, -1.0).unsqueeze(1))
+                grad_logits.mul_(valid.unsqueeze(1))
+                grad_logits = grad_logits.to(hidden.dtype)
+                grad_hidden[start:start + chunk_tokens] = grad_logits @ weight
+                if grad_logits.dtype == torch.float32:
+                    grad_weight.addmm_(grad_logits.t(), h)
+                else:
+                    grad_weight += (grad_logits.t() @ h).float()
+            del logits
+        if need_grad:
+            ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return loss_sum
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        scale = grad_out.to(torch.float32)
+        return (grad_hidden * scale.to(grad_hidden.dtype), (grad_weight * scale).to(ctx.weight_dtype),
+                None, None, None)
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_tokens: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum and count of cross-entropy of ``hidden @ weight.T`` against aligned labels, computed in token chunks.
+
+    hidden ``[N, H]`` (fp32/bf16), weight ``[V, H]``, labels ``[N]`` int64 with -100 ignored.
+    Returns (loss sum fp32 scalar, count of target tokens int64 scalar). Gradients equal plain cross-entropy's.
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden {tuple(hidden.shape)} must be [N, H] and weight {tuple(weight.shape)} [V, H]")
+    if labels.shape != hidden.shape[:1]:
+        raise ValueError(f"labels {tuple(labels.shape)} must be [N] for hidden {tuple(hidden.shape)}")
+    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= weight.shape[0]))
+    if bad.any():
+        raise ValueError(f"label {int(labels[bad][0])} is outside the vocabulary [0, {weight.shape[0]}) "
+                         f"and is not the ignore index {IGNORE_INDEX}")
+    chunk_tokens = chunk_tokens or auto_chunk_tokens(weight.shape[0])
+    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    loss_sum = _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, chunk_tokens, need_grad)
+    count = (labels != IGNORE_INDEX).sum()
+    return loss_sum, count

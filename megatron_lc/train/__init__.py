@@ -1,0 +1,1 @@
+"""The torchrun trainer: config, mesh, optimizer, checkpoints, metrics (later issues)."""
