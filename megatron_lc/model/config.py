@@ -47,6 +47,13 @@ class ModelConfig:
     """Fields of an HF config.json that we keep only to write them back (bos/eos ids, ...)."""
 
     def __post_init__(self):
+        for name in ("rms_norm_eps", "rope_theta", "init_std"):
+            # PyYAML reads `1e-6` (no dot) as a string; accept it, and reject anything else that is not a number.
+            value = getattr(self, name)
+            try:
+                setattr(self, name, float(value))
+            except (TypeError, ValueError):
+                raise ConfigError(f"model.{name} must be a number, got {value!r}") from None
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:

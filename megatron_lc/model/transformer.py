@@ -122,12 +122,22 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.embed.weight
+        self.tie_weights()
         # Not a buffer: model.to(dtype) must not round the tables (see rope.py).
         self.rope = RotaryEmbedding(config)
         if self.embed.weight.device.type != "meta":  # a meta build is initialised after to_empty (or sharding)
             self.init_weights(seed)
+
+    def tie_weights(self) -> None:
+        """Make lm_head use the embedding matrix when the config ties them."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def to_empty(self, *, device, recurse: bool = True):
+        """As nn.Module.to_empty, which gives every parameter its own storage: re-tie lm_head afterwards."""
+        super().to_empty(device=device, recurse=recurse)
+        self.tie_weights()
+        return self
 
     # ---- init -------------------------------------------------------------------------------------------------
     def initial_value(self, name: str, shape: torch.Size, seed: int) -> torch.Tensor:
