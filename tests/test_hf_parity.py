@@ -1,4 +1,6 @@
 """Our Transformer vs transformers' Qwen2ForCausalLM / LlamaForCausalLM with the same weights (fp32)."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -92,3 +94,15 @@ def test_sum_reduction_is_sum_and_count(pair):
         mean = model(ids, labels=labels)
     assert count.item() == 2 * 30 - 2 - 10
     torch.testing.assert_close(total / count, mean, atol=1e-6, rtol=1e-6)
+
+
+def test_bf16_logits_error_within_twice_transformers_bf16_error(pair):
+    # Tolerance rule for bf16: our error vs float64 at most 2x the error transformers' own bf16 model has.
+    model, hf = pair
+    ids = torch.randint(0, model.config.vocab_size, (2, 50), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        truth = copy.deepcopy(model).double()(ids)
+        ours = copy.deepcopy(model).to(torch.bfloat16)(ids).double()
+        theirs = copy.deepcopy(hf).to(torch.bfloat16)(ids).logits.double()
+    our_err, ref_err = (ours - truth).abs().max().item(), (theirs - truth).abs().max().item()
+    assert our_err <= 2 * ref_err, (our_err, ref_err)
