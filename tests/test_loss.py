@@ -122,3 +122,32 @@ def test_peak_memory_is_bounded_by_a_chunk_and_does_not_grow_with_tokens():
     assert large["extra"] <= budget(8192), large
     assert large["extra"] - small["extra"] <= 3 * (8192 - 1024) * h * 4 + 32 * 2**20, (small, large)
     assert abs(small["loss"] - large["loss"]) < 0.05  # both ~ ln(V) = 11.93: the work was really done
+
+
+_MODEL_MEMORY_SCRIPT = textwrap.dedent("""
+    import json, torch
+    from megatron_lc.model import ModelConfig, Transformer
+    torch.set_num_threads(2)
+    cfg = ModelConfig(vocab_size=151936, hidden_size=64, intermediate_size=128, num_layers=1, num_heads=4,
+                      num_kv_heads=2, loss_chunk_tokens=256)
+    model = Transformer(cfg, seed=0)
+    ids = torch.randint(0, cfg.vocab_size, (1, 8192))
+    def status(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    open("/proc/self/clear_refs", "w").write("5")
+    base = status("VmRSS:")
+    model(ids, labels=ids.roll(-1, 1)).backward()
+    print(json.dumps({"extra": status("VmHWM:") - base}))
+""")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
+def test_model_loss_path_never_builds_full_logits():
+    out = subprocess.run([sys.executable, "-c", _MODEL_MEMORY_SCRIPT], capture_output=True, text=True, check=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "2"})
+    extra = json.loads(out.stdout.strip().splitlines()[-1])["extra"]
+    # fp32 logits for 8,192 tokens would be 5.0 GB (and their gradient as much again); the chunked path needs the
+    # chunk buffers (~0.45 GB), the weight gradients (2 x 39 MB) and the tiny model's activations.
+    assert extra < 1.0e9, extra / 2**20
