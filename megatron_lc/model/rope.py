@@ -47,9 +47,10 @@ class RotaryEmbedding:
         """position_ids ``[B, S]`` int64 -> cos, sin ``[B, S, head_dim/2]`` fp32."""
         if position_ids.is_floating_point():
             raise TypeError(f"position_ids must be an integer tensor, got {position_ids.dtype}")
-        if position_ids.numel() and int(position_ids.min()) < 0:
-            raise ValueError(f"position_ids must be >= 0, got min {int(position_ids.min())}")
-        max_pos = int(position_ids.max()) + 1 if position_ids.numel() else 1
+        lo, hi = (int(t) for t in position_ids.aminmax()) if position_ids.numel() else (0, 0)  # one host sync
+        if lo < 0:
+            raise ValueError(f"position_ids must be >= 0, got min {lo}")
+        max_pos = hi + 1
         cos, sin = self.table(max_pos, position_ids.device)
         return cos[position_ids], sin[position_ids]
 
