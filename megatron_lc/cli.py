@@ -1,0 +1,64 @@
+"""The ``megatron-lc`` command: one subcommand per job.
+
+Every subcommand is one entry of ``_commands()``: a help line, a function that adds its flags to an argparse
+parser, and a function that runs it from the parsed namespace. Later jobs (train, convert, data, eval, bench) are
+added there and nowhere else; ``megatron-lc --help`` lists exactly what exists.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from . import __version__
+from .configtools import ConfigError
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    add_args: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], Any]  # a return value other than an int exit status means success
+
+
+def _commands() -> dict[str, Command]:
+    # Imported here, not at module top, so importing megatron_lc.cli stays cheap.
+    from . import demo
+
+    return {
+        "demo": Command("train a 3M-parameter model on the stdlib's docstrings for a few minutes on CPU, "
+                        "then generate", demo.add_demo_args, demo.run_demo),
+    }
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser and each subcommand's parser (for errors prefixed by the subcommand)."""
+    parser = argparse.ArgumentParser(prog="megatron-lc", description="Long-context LLM training for Qwen2-style models.")
+    parser.add_argument("--version", action="version", version=f"megatron-lc {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = {}
+    for name, command in _commands().items():
+        p = sub.add_parser(name, help=command.help, description=command.help[0].upper() + command.help[1:] + ".")
+        command.add_args(p)
+        subparsers[name] = p
+    return parser, subparsers
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``) and run the subcommand; returns the exit status."""
+    parser, subparsers = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        status = _commands()[args.command].run(args)
+    except ConfigError as e:  # a bad flag value: usage error (exit 2) naming the flag, no traceback
+        subparsers[args.command].error(str(e))
+    return status if isinstance(status, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
