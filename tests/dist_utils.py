@@ -1,0 +1,72 @@
+"""Run a function on N gloo processes on CPU and collect each rank's result; a hang or a crash fails the test.
+
+Usage: ``results = run_distributed(fn, world_size, *args)`` where ``fn(rank, world_size, *args)`` is a module-level
+function (picklable) that may use ``torch.distributed`` (the default group is initialised with gloo) and returns
+anything picklable (tensors are fine). Results come back in rank order. An exception on any rank is re-raised in
+the test with that rank's traceback; ranks still running after ``timeout`` seconds are killed and the test fails.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world_size, port, out_dir, threads, fn, args):
+    torch.set_num_threads(threads)
+    path = os.path.join(out_dir, f"rank{rank}.pt")
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+        result = fn(rank, world_size, *args)
+        torch.save({"ok": True, "result": result}, path)
+    except BaseException:  # noqa: BLE001 - every failure must reach the parent, with its traceback
+        torch.save({"ok": False, "error": traceback.format_exc()}, path)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_distributed(fn, world_size: int, *args, timeout: float = 180.0, threads: int = 1) -> list:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo processes; return the results in rank order."""
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    with tempfile.TemporaryDirectory() as out_dir:
+        procs = [ctx.Process(target=_worker, args=(r, world_size, port, out_dir, threads, fn, args), daemon=True)
+                 for r in range(world_size)]
+        for p in procs:
+            p.start()
+        import time
+
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        hung = [r for r, p in enumerate(procs) if p.is_alive()]
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        outcomes = []
+        for r in range(world_size):
+            path = os.path.join(out_dir, f"rank{r}.pt")
+            outcomes.append(torch.load(path, weights_only=False) if os.path.exists(path) else None)
+    errors = [f"rank {r}:\n{o['error']}" for r, o in enumerate(outcomes) if o is not None and not o["ok"]]
+    if errors:
+        raise AssertionError("\n".join(errors))
+    if hung:
+        raise AssertionError(f"ranks {hung} still running after {timeout} s (a hang); killed")
+    missing = [r for r, o in enumerate(outcomes) if o is None]
+    if missing:
+        raise AssertionError(f"ranks {missing} died without a result (exit codes "
+                             f"{[procs[r].exitcode for r in missing]})")
+    return [o["result"] for o in outcomes]
