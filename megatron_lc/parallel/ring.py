@@ -1,0 +1,261 @@
+"""Exact attention over a sequence sharded across a context-parallel group: ring and all-gather variants.
+
+Both take this rank's shard (zigzag or contiguous layout, see sequence.py) of q ``[B, S_local, H, D]`` and k/v
+``[B, S_local, H_kv, D]`` and return this rank's shard of the output ``[B, S_local, H, D]``.
+
+- ``ring_attention``: K/V blocks travel around the ring with asynchronous P2P, the next transfer overlapping the
+  current block's compute; partial outputs merge by log-sum-exp in fp32. Backward is its own ring: dK/dV
+  accumulators (fp32) travel with K/V, and every block's share of the gradient comes from the global output and
+  lse saved by forward, so the forward is never re-run. Each step computes only the visible part of a block.
+- ``allgather_attention`` (Llama-3 style): K/V are all-gathered once, each rank attends its queries to the keys
+  they can see; backward re-gathers K/V (nothing full-length is kept between forward and backward) and
+  reduce-scatters dK/dV. Fewer, larger messages.
+K/V always travel at the KV-head count: GQA heads are never repeated.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ..ops.attention_lse import block_backward, block_forward, merge_into
+from .comm import all_gather_into, reduce_scatter_into
+from .sequence import chunk_ids
+
+_KV_TAG, _GRAD_TAG = 11, 12
+_ALL = slice(None)
+
+
+class _RingComm:
+    """Send to the next rank of the group and receive from the previous one, asynchronously."""
+
+    def __init__(self, group: dist.ProcessGroup, tag: int):
+        self.group, self.tag = group, tag
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        self.next = dist.get_global_rank(group, (rank + 1) % world)
+        self.prev = dist.get_global_rank(group, (rank - 1) % world)
+        self.requests: list = []
+
+    def start(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Start sending ``tensors``; return the buffers the previous rank's tensors arrive in (valid after wait)."""
+        received = [torch.empty_like(t) for t in tensors]
+        ops = []
+        for t, r in zip(tensors, received):
+            ops.append(dist.P2POp(dist.isend, t.contiguous(), self.next, self.group, self.tag))
+            ops.append(dist.P2POp(dist.irecv, r, self.prev, self.group, self.tag))
+        self.requests = dist.batch_isend_irecv(ops)
+        return received
+
+    def wait(self) -> None:
+        for request in self.requests:
+            request.wait()
+        self.requests = []
+
+
+def _visible_part(step: int, rank: int, world: int, s_local: int, causal: bool, layout: str):
+    """(query slice, key slice, causal) of the block a rank computes at ring step ``step``, or None to skip.
+
+    At step i a rank holds the K/V of rank ``src = rank - i``. Contiguous: src < rank is fully visible, src > rank
+    is in the future. Zigzag (rank r holds chunks r and 2W-1-r): for src < r, both query chunks see the first key
+    chunk (src) and neither sees the second (2W-1-src > 2W-1-r); for src > r only the second query chunk (2W-1-r)
+    sees anything, and it sees both key chunks. Every step but the diagonal is half the work of a full block.
+    """
+    src = (rank - step) % world
+    if not causal:
+        return _ALL, _ALL, False
+    if src == rank:
+        return _ALL, _ALL, True
+    if layout == "contiguous":
+        return (_ALL, _ALL, False) if src < rank else None
+    half = s_local // 2
+    if src < rank:
+        return _ALL, slice(0, half), False
+    return slice(half, None), _ALL, False
+
+
+def _check_inputs(q, k, v, group, layout):
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"context-parallel attention wants q [B, S_local, H, D] and k, v [B, S_local, H_kv, D] "
+                         f"with the same B, S_local, D; got q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"query heads {q.shape[2]} are not divisible by key/value heads {k.shape[2]}")
+    if layout not in ("zigzag", "contiguous"):
+        raise ValueError(f"unknown layout {layout!r}: use 'zigzag' or 'contiguous'")
+    if layout == "zigzag" and q.shape[1] % 2:
+        raise ValueError(f"zigzag shards hold two equal chunks, but S_local = {q.shape[1]} is odd")
+    if group is None:
+        raise ValueError("pass the context-parallel process group explicitly (e.g. mesh['cp'].get_group())")
+
+
+def _ring_forward(q, k, v, group, causal, layout, scale):
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    b, s, h, d = q.shape
+    out = torch.empty(b, s, h, d, dtype=torch.float32, device=q.device)
+    lse = torch.empty(b, h, s, dtype=torch.float32, device=q.device)
+    comm = _RingComm(group, _KV_TAG)
+    cur_k, cur_v = k, v
+    for step in range(world):
+        if step + 1 < world:
+            next_k, next_v = comm.start([cur_k, cur_v])
+        part = _visible_part(step, rank, world, s, causal, layout)
+        if part is not None:
+            qs, ks, block_causal = part
+            block_out, block_lse = block_forward(q[:, qs], cur_k[:, ks], cur_v[:, ks], causal=block_causal,
+                                                 softmax_scale=scale)
+            if step == 0:  # the diagonal block covers every local query: it initialises the accumulators
+                out.copy_(block_out)
+                lse.copy_(block_lse)
+            else:
+                merge_into(out[:, qs], lse[:, :, qs], block_out, block_lse)
+        if step + 1 < world:
+            comm.wait()
+            cur_k, cur_v = next_k, next_v
+    return out.to(q.dtype), lse
+
+
+def _ring_backward(dout, q, k, v, out, lse, group, causal, layout, scale):
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    s = q.shape[1]
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    kv_comm, grad_comm = _RingComm(group, _KV_TAG), _RingComm(group, _GRAD_TAG)
+    cur_k, cur_v = k, v
+    arrived = None
+    for step in range(world):
+        if step + 1 < world:
+            next_k, next_v = kv_comm.start([cur_k, cur_v])
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+        part = _visible_part(step, rank, world, s, causal, layout)
+        if part is not None:
+            qs, ks, block_causal = part
+            bdq, bdk, bdv = block_backward(dout[:, qs], q[:, qs], cur_k[:, ks], cur_v[:, ks], out[:, qs],
+                                           lse[:, :, qs], causal=block_causal, softmax_scale=scale)
+            dq[:, qs] += bdq
+            dk[:, ks] += bdk
+            dv[:, ks] += bdv
+        if arrived is not None:  # the accumulators of the K/V block we hold, from the ranks it visited before
+            grad_comm.wait()
+            dk += arrived[0]
+            dv += arrived[1]
+        arrived = grad_comm.start([dk, dv])
+        if step + 1 < world:
+            kv_comm.wait()
+            cur_k, cur_v = next_k, next_v
+    grad_comm.wait()  # after a full lap, our own K/V's accumulators come home
+    return dq.to(q.dtype), arrived[0].to(k.dtype), arrived[1].to(v.dtype)
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, group, causal, layout, scale):
+        out, lse = _ring_forward(q, k, v, group, causal, layout, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (group, causal, layout, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _ring_backward(dout.contiguous(), q, k, v, out, lse, *ctx.args)
+        return dq, dk, dv, None, None, None, None
+
+
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup, *,
+                   causal: bool = True, layout: str = "zigzag", softmax_scale: float | None = None) -> torch.Tensor:
+    """Ring attention over the CP ``group``. q ``[B, S_local, H, D]``, k/v ``[B, S_local, H_kv, D]`` (this rank's
+    shard in ``layout``), fp32 or bf16 -> ``[B, S_local, H, D]`` in q.dtype. Differentiable in q, k, v."""
+    _check_inputs(q, k, v, group, layout)
+    return _RingAttention.apply(q, k, v, group, causal, layout, softmax_scale)
+
+
+# ---- all-gather variant ------------------------------------------------------------------------------------------
+def _gather_full(x: torch.Tensor, group, layout: str) -> torch.Tensor:
+    """Every rank's shard ``[B, S_local, ...]`` -> the full sequence ``[B, S, ...]`` in global order."""
+    world = dist.get_world_size(group)
+    gathered = torch.empty((world * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    all_gather_into(gathered, x, group)
+    shards = gathered.chunk(world, dim=0)
+    pieces = {}
+    for rank, shard in enumerate(shards):
+        ids = chunk_ids(rank, world, layout)
+        pieces.update(zip(ids, shard.chunk(len(ids), dim=1)))
+    return torch.cat([pieces[i] for i in sorted(pieces)], dim=1)
+
+
+def _scatter_sum(full: torch.Tensor, group, layout: str) -> torch.Tensor:
+    """Sum ``full [B, S, ...]`` over ranks and return this rank's shard ``[B, S_local, ...]`` (reduce-scatter)."""
+    world = dist.get_world_size(group)
+    n = 2 * world if layout == "zigzag" else world
+    pieces = full.chunk(n, dim=1)
+    # rank-major: rank r's shard (its chunks, in its order) at rows [r*B, (r+1)*B)
+    stacked = torch.cat([torch.cat([pieces[i] for i in chunk_ids(r, world, layout)], dim=1) for r in range(world)])
+    out = torch.empty((full.shape[0], full.shape[1] // world) + tuple(full.shape[2:]), dtype=full.dtype,
+                      device=full.device)
+    reduce_scatter_into(out, stacked, group)
+    return out
+
+
+def _allgather_parts(rank, world, s_local, causal, layout):
+    """[(query slice, key range (start, end), causal)] blocks a rank computes against the full K/V."""
+    if not causal:
+        return [(_ALL, (0, None), False)]
+    ids = chunk_ids(rank, world, layout)
+    c = s_local // len(ids)
+    parts = []
+    for j, chunk in enumerate(ids):
+        qs = slice(j * c, (j + 1) * c)
+        parts.append((qs, (chunk * c, (chunk + 1) * c), True))  # its own chunk: the diagonal, causal
+        if chunk > 0:
+            parts.append((qs, (0, chunk * c), False))  # every earlier chunk: fully visible
+    return parts
+
+
+class _AllGatherAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, group, causal, layout, scale):
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        full_k, full_v = _gather_full(k, group, layout), _gather_full(v, group, layout)
+        out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device)
+        started = set()
+        for qs, (a, b), block_causal in _allgather_parts(rank, world, q.shape[1], causal, layout):
+            block_out, block_lse = block_forward(q[:, qs], full_k[:, a:b], full_v[:, a:b], causal=block_causal,
+                                                 softmax_scale=scale)
+            key = (qs.start, qs.stop)
+            if key in started:
+                merge_into(out[:, qs], lse[:, :, qs], block_out, block_lse)
+            else:
+                out[:, qs] = block_out
+                lse[:, :, qs] = block_lse
+                started.add(key)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (group, causal, layout, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        group, causal, layout, scale = ctx.args
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        full_k, full_v = _gather_full(k, group, layout), _gather_full(v, group, layout)
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        dk = torch.zeros(full_k.shape, dtype=torch.float32, device=k.device)
+        dv = torch.zeros(full_v.shape, dtype=torch.float32, device=v.device)
+        dout = dout.contiguous()
+        for qs, (a, b), block_causal in _allgather_parts(rank, world, q.shape[1], causal, layout):
+            bdq, bdk, bdv = block_backward(dout[:, qs], q[:, qs], full_k[:, a:b], full_v[:, a:b], out[:, qs],
+                                           lse[:, :, qs], causal=block_causal, softmax_scale=scale)
+            dq[:, qs] += bdq
+            dk[:, a:b] += bdk
+            dv[:, a:b] += bdv
+        dk, dv = _scatter_sum(dk, group, layout), _scatter_sum(dv, group, layout)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+
+def allgather_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup, *,
+                        causal: bool = True, layout: str = "zigzag",
+                        softmax_scale: float | None = None) -> torch.Tensor:
+    """All-gather context-parallel attention; same contract as ``ring_attention``."""
+    _check_inputs(q, k, v, group, layout)
+    return _AllGatherAttention.apply(q, k, v, group, causal, layout, softmax_scale)
