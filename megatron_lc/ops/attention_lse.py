@@ -163,5 +163,5 @@ def merge_into(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, bl
     never exponentiates a large positive number (the ``log(1 + exp(.))`` form gives inf/NaN on long rings).
     """
     w = torch.sigmoid(block_lse - lse).transpose(1, 2).unsqueeze(-1)  # [B, S, H, 1]: the block's weight
-    out.sub_(w * (out - block_out.float()))
+    out.lerp_(block_out.to(out.dtype), w)  # out + w * (block_out - out), without a full-size temporary
     lse.sub_(torch.nn.functional.logsigmoid(lse - block_lse))
