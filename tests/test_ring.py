@@ -1,4 +1,4 @@
-"""Sequence sharding, and ring / all-gather context-parallel attention against float64 full attention (gloo, CPU)."""
+"""Sequence sharding, and ring / all-gather / Ulysses context-parallel attention against full attention (gloo, CPU)."""
 import itertools
 
 import pytest
@@ -82,8 +82,11 @@ def _cp_worker(rank, world, cases):
 
     from megatron_lc.parallel.ring import allgather_attention, ring_attention
 
+    from megatron_lc.parallel.ulysses import ulysses_attention
+
     group = dist.group.WORLD
-    fns = {"ring": ring_attention, "allgather": allgather_attention}
+    fns = {"ring": ring_attention, "allgather": allgather_attention,
+           "ulysses": lambda q, k, v, g, causal, layout: ulysses_attention(q, k, v, g, causal=causal)}
     results = []
     for case in cases:
         q, k, v, dout = _inputs(*case["shape"], seed=case["seed"], dtype=case["dtype"])
@@ -130,11 +133,15 @@ def _fp32_cases(world):
             ("ring", "allgather"), ("zigzag", "contiguous"), ((4, 4), (8, 2)), (64, 128), (True, False))):
         cases.append(dict(fn=fn, layout=layout, causal=causal, dtype=torch.float32, seed=seed,
                           shape=(2, 4 * world, h, h_kv, d)))
+    for h, h_kv in ((8, 8), (8, 2), (4, 1)):  # KV heads scattered, repeated to W (W=4), and a single one
+        for causal in (True, False):
+            cases.append(dict(fn="ulysses", layout="contiguous", causal=causal, dtype=torch.float32,
+                              seed=len(cases), shape=(2, 4 * world, h, h_kv, 64)))
     return cases
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_ring_and_allgather_fp32_outputs_and_grads_equal_full_attention(world):
+def test_ring_allgather_ulysses_fp32_outputs_and_grads_equal_full_attention(world):
     cases = _fp32_cases(world)
     results = run_distributed(_cp_worker, world, cases, timeout=300)
     _check_cases(world, cases, results)
@@ -149,14 +156,14 @@ def test_ring_backward_at_cp8():
 
 def test_bf16_within_twice_sdpa_bf16_error():
     world = 4
-    cases = [dict(fn=fn, layout="zigzag", causal=True, dtype=torch.bfloat16, seed=7, shape=(2, 64, 8, 2, 64))
-             for fn in ("ring", "allgather")]
+    cases = [dict(fn=fn, layout=layout, causal=True, dtype=torch.bfloat16, seed=7, shape=(2, 64, 8, 2, 64))
+             for fn, layout in (("ring", "zigzag"), ("allgather", "zigzag"), ("ulysses", "contiguous"))]
     results = run_distributed(_cp_worker, world, cases, timeout=300)
     q, k, v, _ = _inputs(*cases[0]["shape"], seed=7, dtype=torch.bfloat16)
     truth = reference(q.double(), k.double(), v.double(), True)
     sdpa_err = (attention(q, k, v, causal=True).double() - truth).abs().max().item()
     for i, case in enumerate(cases):
-        got = unshard_sequence([results[r][i]["out"] for r in range(world)], layout="zigzag")
+        got = unshard_sequence([results[r][i]["out"] for r in range(world)], layout=case["layout"])
         err = (got.double() - truth).abs().max().item()
         assert err <= 2 * sdpa_err, (case["fn"], err, sdpa_err)
 

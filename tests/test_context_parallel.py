@@ -1,0 +1,123 @@
+"""The full model under ContextParallel (ring, all-gather, Ulysses, hybrid) equals the single-process model."""
+import pytest
+import torch
+
+from dist_utils import run_distributed
+from megatron_lc.model import ModelConfig, Transformer
+
+CFG = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
+           head_dim=16, init_std=0.2, max_position_embeddings=256)
+
+
+def _batch(seq_len, packed, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, CFG["vocab_size"], (2, seq_len + 1), generator=g)
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:].clone()}
+    batch["labels"][0, :5] = -100  # e.g. a prompt
+    if packed:  # two documents per row: positions restart where the second begins
+        cut = seq_len // 3
+        pos = torch.cat([torch.arange(cut), torch.arange(seq_len - cut)])
+        batch["position_ids"] = pos.expand(2, seq_len).clone()
+    return batch
+
+
+def _single_process(case):
+    model = Transformer(ModelConfig(**CFG), seed=1)
+    batch = _batch(case["seq_len"], case["packed"])
+    total, count = model(batch["input_ids"], position_ids=batch.get("position_ids"), labels=batch["labels"],
+                         reduction="sum")
+    (total / count).backward()
+    return total.detach(), count, {n: p.grad for n, p in model.named_parameters()}
+
+
+def _cp_model_worker(rank, world, cases):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from megatron_lc.parallel.context_parallel import ContextParallel
+
+    results = []
+    for case in cases:
+        shape = case.get("mesh", (world,))
+        mesh = init_device_mesh("cpu", shape)
+        model = Transformer(ModelConfig(**CFG), seed=1)
+        cp = ContextParallel(mesh, mode=case["mode"], layout=case.get("layout", "zigzag"), pad=case.get("pad", False))
+        cp.apply(model)
+        local = cp.shard_batch(_batch(case["seq_len"], case["packed"]))
+        total, count = model(local["input_ids"], position_ids=local["position_ids"], labels=local["labels"],
+                             reduction="sum")
+        # what the trainer does: all-reduce (sum, count) over the CP group, divide once by the global count,
+        # and sum the gradients over the group
+        stats = torch.stack([total.detach(), count.to(torch.float32)])
+        dist.all_reduce(stats)
+        (total / stats[1]).backward()
+        grads = {}
+        for n, p in model.named_parameters():
+            dist.all_reduce(p.grad)
+            grads[n] = p.grad
+        results.append((stats[0], int(stats[1]), grads, local["input_ids"].shape[1]))
+    return results
+
+
+def _compare(cases, results):
+    for i, case in enumerate(cases):
+        total, count, grads = _single_process(case)
+        cp_total, cp_count, cp_grads, _ = results[0][i]
+        assert cp_count == int(count), case
+        torch.testing.assert_close(cp_total / cp_count, total / count, atol=1e-5, rtol=1e-5,
+                                   msg=lambda m: f"{case} loss: {m}")
+        for name, g in grads.items():
+            torch.testing.assert_close(cp_grads[name], g, atol=1e-5, rtol=1e-5, msg=lambda m: f"{case} {name}: {m}")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_model_under_cp_equals_single_process(world):
+    cases = [dict(mode=mode, seq_len=48, packed=packed) for mode in ("ring", "allgather") for packed in (False, True)]
+    cases.append(dict(mode="ring", layout="contiguous", seq_len=48, packed=True))
+    cases.append(dict(mode="ulysses", seq_len=48, packed=True))
+    if world == 4:
+        cases.append(dict(mode="hybrid", mesh=(2, 2), seq_len=48, packed=True))
+    results = run_distributed(_cp_model_worker, world, cases, timeout=300)
+    _compare(cases, results)
+
+
+def test_padding_makes_cp3_work_with_any_length():
+    cases = [dict(mode="ring", seq_len=40, packed=True, pad=True), dict(mode="allgather", seq_len=40, packed=False,
+                                                                        pad=True)]
+    results = run_distributed(_cp_model_worker, 3, cases, timeout=300)
+    assert results[0][0][3] == 42 // 3  # padded to a multiple of 2 x 3
+    _compare(cases, results)
+
+
+def _bad_input_worker(rank, world, what):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from megatron_lc.parallel.context_parallel import ContextParallel
+
+    mesh = init_device_mesh("cpu", (world,))
+    if what == "shapes":
+        cp = ContextParallel(mesh, mode="ring")
+        cp.shard_batch(_batch(48 if rank == 0 else 40, packed=False))
+    elif what == "length":
+        ContextParallel(mesh, mode="ring").shard_batch(_batch(42, packed=False))
+    elif what == "heads":
+        cfg = ModelConfig(**{**CFG, "num_heads": 6, "num_kv_heads": 2, "hidden_size": 96})
+        ContextParallel(mesh, mode="ulysses").apply(Transformer(cfg))
+    return "no error"
+
+
+@pytest.mark.parametrize("what,message", [
+    ("shapes", "different shapes"),
+    ("length", "not divisible by 8 .*pad=True"),
+    ("heads", "Ulysses degree 4 does not divide num_heads=6"),
+])
+def test_bad_input_fails_on_every_rank_without_hanging(what, message):
+    with pytest.raises(AssertionError) as err:
+        run_distributed(_bad_input_worker, 4, what, timeout=120)
+    text = str(err.value)
+    import re
+
+    for rank in range(4):
+        assert f"rank {rank}:" in text, text
+    assert re.search(message, text), text
+    assert "hang" not in text
