@@ -19,7 +19,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest", "transformers>=4.45", "ruff"],
+        "dev": ["pytest", "transformers>=4.45", "ruff", "matplotlib"],
         "gpu": ["triton", "flash-attn", "ring-flash-attn", "liger-kernel"],
     },
     entry_points={"console_scripts": ["megatron-lc=megatron_lc.cli:main"]},
