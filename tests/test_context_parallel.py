@@ -121,3 +121,34 @@ def test_bad_input_fails_on_every_rank_without_hanging(what, message):
         assert f"rank {rank}:" in text, text
     assert re.search(message, text), text
     assert "hang" not in text
+
+
+def _dp_cp_worker(rank, world):
+    """A (dp=2, cp=2) mesh: each DP replica gets its own sample; CP runs inside the replica's sub-mesh."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from megatron_lc.parallel.context_parallel import ContextParallel
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "cp"))
+    dp_rank = mesh.get_local_rank("dp")
+    model = Transformer(ModelConfig(**CFG), seed=1)
+    cp = ContextParallel(mesh["cp"], mode="ring")
+    cp.apply(model)
+    batch = _batch(48, packed=True, seed=10 + dp_rank)  # replicas see different samples
+    local = cp.shard_batch(batch)
+    total, count = model(local["input_ids"], position_ids=local["position_ids"], labels=local["labels"],
+                         reduction="sum")
+    stats = torch.stack([total.detach(), count.to(torch.float32)])
+    dist.all_reduce(stats, group=mesh["cp"].get_group())
+    return dp_rank, (stats[0] / stats[1]).item()
+
+
+def test_cp_inside_a_dp_by_cp_mesh():
+    results = run_distributed(_dp_cp_worker, 4, timeout=300)
+    for dp_rank, loss in results:
+        model = Transformer(ModelConfig(**CFG), seed=1)
+        batch = _batch(48, packed=True, seed=10 + dp_rank)
+        with torch.no_grad():
+            expected = model(batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"]).item()
+        assert abs(loss - expected) <= 1e-5, (dp_rank, loss, expected)
