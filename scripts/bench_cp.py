@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from megatron_lc.parallel.cp_bench import MALLOC_ENV
+
 
 def _worker(rank, world, port, cfg, queue):
     device = cfg["device"]
@@ -41,6 +43,7 @@ def run_one(world: int, cfg: dict) -> list[dict]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    os.environ.update(MALLOC_ENV)  # the spawned ranks inherit it: exact CPU peak RSS (see cp_bench)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(r, world, port, cfg, queue)) for r in range(world)]

@@ -23,9 +23,16 @@ def _status_bytes(key: str) -> int:
     raise KeyError(key)
 
 
+# Set in the environment of a process before it starts, glibc takes every block of 64 KiB or more from mmap from
+# the first allocation on, so freed tensors leave no reusable free space in the heap.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
+
+
 def _release_freed_heap() -> None:
     """Make RSS track live CPU tensors: glibc keeps freed blocks below its (adaptive, up to 32 MiB) mmap threshold
-    in the heap, where a later allocation reuses them without raising RSS, so a peak would be under-counted."""
+    in the heap, where a later allocation reuses them: a peak would be under-counted (resident free pages reused)
+    or over-counted (trimmed free pages faulted back in), by up to the heap's free space. Best set before the
+    process's first large allocation (``MALLOC_ENV``, or early in ``measure_attention``)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc: nothing to tune
@@ -66,19 +73,22 @@ def measure_attention(seq_len: int, heads: int, kv_heads: int, head_dim: int, mo
                       layout: str = "zigzag", batch: int = 1, dtype: torch.dtype = torch.float32,
                       device: str = "cpu", group=None, repeats: int = 1, warmup: int = 1) -> dict:
     """Forward + backward of CP attention over ``group`` (default: the world) on this rank's shard of a
-    ``[batch, seq_len]`` sequence. Returns seconds (median of ``repeats``), peak_bytes (first measured run), flops
-    (block matmul FLOPs this rank computed, per run) and block_calls. ``warmup`` runs come first, unmeasured: a
-    first call pages in kernel code and thread stacks, which RSS would otherwise count as attention memory."""
+    ``[batch, seq_len]`` sequence. Returns seconds and peak_bytes (medians of ``repeats`` runs; ``peak_bytes_runs``
+    lists every run's), flops (block matmul FLOPs this rank computed, per
+    run) and block_calls. ``warmup`` runs come first, unmeasured: a first call pages in kernel code and thread
+    stacks, which RSS would otherwise count as attention memory."""
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        _release_freed_heap()  # before this function's own tensors: they must not leave free heap blocks behind
     group = group or dist.group.WORLD
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     fn = {"ring": ring_attention, "allgather": allgather_attention}[mode]
-    dev = torch.device(device)
     g = torch.Generator().manual_seed(0)
     full = [torch.randn(batch, seq_len, h, head_dim, generator=g) for h in (heads, kv_heads, kv_heads, heads)]
     q, k, v, dout = (shard_sequence(t, rank, world, layout=layout).to(dev, dtype) for t in full)
     del full
     q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
-    times, peak, flops, calls = [], 0, 0.0, 0
+    times, peaks, flops, calls = [], [], 0.0, 0
     for _ in range(warmup):
         fn(q, k, v, group, causal=True, layout=layout).backward(dout)
     for i in range(repeats):
@@ -92,8 +102,10 @@ def measure_attention(seq_len: int, heads: int, kv_heads: int, head_dim: int, mo
                 torch.cuda.synchronize(dev)
             times.append(time.perf_counter() - start)
             del out
-        if i == 0:
-            peak, flops, calls = mem.peak, log.flops, len(log.calls)
-    times.sort()
+        peaks.append(mem.peak)
+        flops, calls = log.flops, len(log.calls)
+    runs = list(peaks)
+    times.sort(), peaks.sort()
     return {"rank": rank, "world": world, "seq_len": seq_len, "mode": mode, "layout": layout,
-            "seconds": times[len(times) // 2], "peak_bytes": peak, "flops": flops, "block_calls": calls}
+            "seconds": times[len(times) // 2], "peak_bytes": peaks[len(peaks) // 2], "flops": flops,
+            "block_calls": calls, "peak_bytes_runs": runs}

@@ -23,10 +23,16 @@ from .sequence import chunk_ids
 
 _KV_TAG, _GRAD_TAG = 11, 12
 _ALL = slice(None)
+_BACKWARD_QUERY_PIECES = 4  # the backward's off-diagonal blocks run a quarter of the local queries at a time
 
 
 class _RingComm:
-    """Send to the next rank of the group and receive from the previous one, asynchronously."""
+    """Send to the next rank of the group and receive from the previous one, asynchronously.
+
+    Buffers ping-pong: a block we received and have sent on (``start(..., recycle=True)``) receives the block after
+    next. Two buffers per tensor then serve the whole ring, where fresh ones would cost a third: the old block is
+    alive until its send completes, and gloo holds a sent tensor until the next send.
+    """
 
     def __init__(self, group: dist.ProcessGroup, tag: int):
         self.group, self.tag = group, tag
@@ -35,21 +41,27 @@ class _RingComm:
         self.prev = dist.get_global_rank(group, (rank - 1) % world)
         self.requests: list = []
         self.sending: list[torch.Tensor] = []
+        self.recycle = False
+        self.spare: list[torch.Tensor] | None = None
 
-    def start(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Start sending ``tensors``; return the buffers the previous rank's tensors arrive in (valid after wait)."""
-        received = [torch.empty_like(t) for t in tensors]
+    def start(self, tensors: list[torch.Tensor], recycle: bool) -> list[torch.Tensor]:
+        """Start sending ``tensors``; return the buffers the previous rank's tensors arrive in (valid after wait).
+        ``recycle``: the caller will not touch ``tensors`` after wait(), so they may receive a later block."""
         self.sending = [t.contiguous() for t in tensors]  # kept alive until wait(): the transfer reads them
+        spare, self.spare = self.spare, None
+        if spare is None or any((r.shape, r.dtype) != (t.shape, t.dtype) for r, t in zip(spare, self.sending)):
+            spare = [torch.empty_like(t) for t in self.sending]
         ops = []
-        for t, r in zip(self.sending, received):
+        for t, r in zip(self.sending, spare):
             ops.append(dist.P2POp(dist.isend, t, self.next, self.group, self.tag))
             ops.append(dist.P2POp(dist.irecv, r, self.prev, self.group, self.tag))
-        self.requests = dist.batch_isend_irecv(ops)
-        return received
+        self.requests, self.recycle = dist.batch_isend_irecv(ops), recycle
+        return spare
 
     def wait(self) -> None:
         for request in self.requests:
             request.wait()
+        self.spare = self.sending if self.recycle else None
         self.requests, self.sending = [], []
 
 
@@ -74,6 +86,13 @@ def _visible_part(step: int, rank: int, world: int, s_local: int, causal: bool, 
     return slice(half, None), _ALL, False
 
 
+def _query_pieces(qs: slice, s_local: int, pieces: int) -> list[slice]:
+    """Split the query slice ``qs`` of a shard of ``s_local`` tokens into slices of at most s_local / pieces."""
+    start, stop, _ = qs.indices(s_local)
+    size = max(1, -(-s_local // pieces))
+    return [slice(a, min(a + size, stop)) for a in range(start, stop, size)]
+
+
 def _check_inputs(q, k, v, group, layout):
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
         raise ValueError(f"context-parallel attention wants q [B, S_local, H, D] and k, v [B, S_local, H_kv, D] "
@@ -96,8 +115,8 @@ def _ring_forward(q, k, v, group, causal, layout, scale):
     comm = _RingComm(group, _KV_TAG)
     cur_k, cur_v = k, v
     for step in range(world):
-        if step + 1 < world:
-            next_k, next_v = comm.start([cur_k, cur_v])
+        if step + 1 < world:  # step 0 sends the caller's k, v: never recycled
+            next_k, next_v = comm.start([cur_k, cur_v], recycle=step > 0)
         part = _visible_part(step, rank, world, s, causal, layout)
         if part is not None:
             qs, ks, block_causal = part
@@ -107,6 +126,7 @@ def _ring_forward(q, k, v, group, causal, layout, scale):
                 out, lse = block_out.float(), block_lse  # no copy for fp32 inputs
             else:
                 merge_into(out[:, qs], lse[:, :, qs], block_out, block_lse)
+            del block_out, block_lse  # not held into the next step's kernel call
         if step + 1 < world:
             comm.wait()
             cur_k, cur_v = next_k, next_v
@@ -122,15 +142,15 @@ def _ring_backward(dout, q, k, v, out, lse, group, causal, layout, scale):
     arrived = None  # fp32 dK/dV accumulators of the K/V block we hold, from the ranks it visited before
     for step in range(world):
         if step + 1 < world:
-            next_k, next_v = kv_comm.start([cur_k, cur_v])
+            next_k, next_v = kv_comm.start([cur_k, cur_v], recycle=step > 0)
         part = _visible_part(step, rank, world, s, causal, layout)
         grads = None
         if part is not None:
             qs, ks, block_causal = part
-            # Off the diagonal, take the queries half by half: the kernel's dq for a slice is a transient, and
-            # halving it lowers the backward's peak; the FLOPs are the same.
-            split = dq is not None and qs == _ALL and s > 1  # (step 0 must cover every query to start dq)
-            pieces = [slice(0, s // 2), slice(s // 2, None)] if split else [qs]
+            # Off the diagonal, take the queries a quarter of the shard at a time: the kernel's dq for a piece is a
+            # transient, so smaller pieces lower the backward's peak; the FLOPs are the same. (Step 0, the
+            # diagonal, must cover every query: its dq starts the accumulator.)
+            pieces = [qs] if dq is None else _query_pieces(qs, s, _BACKWARD_QUERY_PIECES)
             for piece in pieces:
                 bdq, bdk, bdv = block_backward(dout[:, piece], q[:, piece], cur_k[:, ks], cur_v[:, ks],
                                                out[:, piece], lse[:, :, piece], causal=block_causal,
@@ -159,7 +179,7 @@ def _ring_backward(dout, q, k, v, out, lse, group, causal, layout, scale):
             arrived[1][:, ks] += bdv
             del grads, bdk, bdv
         if world > 1:
-            arrived = grad_comm.start(arrived)
+            arrived = grad_comm.start(arrived, recycle=True)
         if step + 1 < world:
             kv_comm.wait()
             cur_k, cur_v = next_k, next_v
