@@ -1,4 +1,4 @@
-"""Run a function on N gloo processes on CPU and collect each rank's result; a hang or a crash fails the test.
+"""Run a function on N gloo processes on CPU (or nccl ones on GPUs), collect each rank's result; a hang or crash fails.
 
 Usage: ``results = run_distributed(fn, world_size, *args)`` where ``fn(rank, world_size, *args)`` is a module-level
 function (picklable) that may use ``torch.distributed`` (the default group is initialised with gloo) and returns
@@ -23,13 +23,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, out_dir, threads, fn, args):
+def _worker(rank, world_size, port, out_dir, threads, backend, fn, args):
     torch.set_num_threads(threads)
     path = os.path.join(out_dir, f"rank{rank}.pt")
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
-        torch.save({"ok": True, "result": result}, path)
+        torch.save({"ok": True, "result": _to_cpu(result)}, path)
     except BaseException:  # noqa: BLE001 - every failure must reach the parent, with its traceback
         torch.save({"ok": False, "error": traceback.format_exc()}, path)
     finally:
@@ -37,12 +39,24 @@ def _worker(rank, world_size, port, out_dir, threads, fn, args):
             dist.destroy_process_group()
 
 
-def run_distributed(fn, world_size: int, *args, timeout: float = 180.0, threads: int = 1) -> list:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo processes; return the results in rank order."""
+def _to_cpu(x):
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu()
+    if isinstance(x, dict):
+        return {k: _to_cpu(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_cpu(v) for v in x)
+    return x
+
+
+def run_distributed(fn, world_size: int, *args, timeout: float = 180.0, threads: int = 1,
+                    backend: str = "gloo") -> list:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` processes (gloo on CPU, or nccl with GPU ``rank`` per
+    process); return the results in rank order (tensors moved to the CPU)."""
     ctx = mp.get_context("spawn")
     port = _free_port()
     with tempfile.TemporaryDirectory() as out_dir:
-        procs = [ctx.Process(target=_worker, args=(r, world_size, port, out_dir, threads, fn, args), daemon=True)
+        procs = [ctx.Process(target=_worker, args=(r, world_size, port, out_dir, threads, backend, fn, args), daemon=True)
                  for r in range(world_size)]
         for p in procs:
             p.start()
