@@ -123,6 +123,9 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
+        # (hidden [N, hidden], lm_head weight [V, hidden], labels [N], chunk_tokens) -> (loss sum, count); the
+        # parallelize step swaps it (a vocab-parallel loss under tensor parallelism), as attn_fn for attention.
+        self.loss_fn: Callable[..., tuple[torch.Tensor, torch.Tensor]] = ops.linear_cross_entropy
         # Not a buffer: model.to(dtype) must not round the tables (see rope.py).
         self.rope = RotaryEmbedding(config)
         if self.embed.weight.device.type != "meta":  # a meta build is initialised after to_empty (or sharding)
@@ -210,7 +213,7 @@ class Transformer(nn.Module):
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)} "
                              f"(aligned: labels[:, t] is the target of position t)")
-        loss_sum, count = ops.linear_cross_entropy(
+        loss_sum, count = self.loss_fn(
             h.reshape(-1, h.shape[-1]), self.lm_head.weight, labels.reshape(-1), self.config.loss_chunk_tokens
         )
         if reduction == "sum":
