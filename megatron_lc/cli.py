@@ -26,10 +26,15 @@ class Command:
 def _commands() -> dict[str, Command]:
     # Imported here, not at module top, so importing megatron_lc.cli stays cheap.
     from . import demo
+    from .train import commands as train_commands
 
     return {
         "demo": Command("train a 3M-parameter model on the stdlib's docstrings for a few minutes on CPU, "
                         "then generate", demo.add_demo_args, demo.run_demo),
+        "train": Command("train a model from a YAML config (one process, or every process of torchrun)",
+                         train_commands.add_train_args, train_commands.run_train),
+        "convert": Command("convert between our checkpoints (step_<N>/) and HF Qwen2 folders",
+                           train_commands.add_convert_args, train_commands.run_convert),
     }
 
 

@@ -1,0 +1,101 @@
+"""parallelize(model, dims, mesh, ...): the one place that turns a plain Transformer into a parallel one.
+
+Order (DESIGN.md): tensor parallel (+ sequence parallel, vocab-parallel embedding and loss) -> context parallel
+(attention swap) -> activation checkpointing -> torch.compile per block -> FSDP2 over dp_shard x cp (HSDP when
+dp_replicate > 1). The model is built on the meta device first; ``materialize`` then allocates the local shards
+and fills them from the per-parameter seeded init (or copies given full weights), so every layout gives the
+weights of an eager build.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.utils.checkpoint import checkpoint
+
+from .context_parallel import ContextParallel
+from .dims import ParallelDims
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 1) -> int:
+    """Recompute blocks in backward instead of keeping their activations: ``full`` every block, ``every_k`` every
+    ``every``-th one, ``none`` nothing. Returns the number of checkpointed blocks. The block's forward is wrapped in
+    place (no wrapper module), so parameter names, and with them init and checkpoints, do not change."""
+    if mode == "none":
+        return 0
+    if mode not in ("full", "every_k"):
+        raise ValueError(f"activation checkpointing must be none, full or every_k, got {mode!r}")
+    step = 1 if mode == "full" else every
+    count = 0
+    for i, block in enumerate(model.layers):
+        if i % step == 0:
+            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+            count += 1
+    return count
+
+
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh, flat: dict[str, DeviceMesh], dims: ParallelDims,
+               param_dtype: torch.dtype | None) -> None:
+    """FSDP2 ``fully_shard`` each block, then the root (embedding, final norm, lm_head), over dp_shard x cp, with
+    HSDP replication over dp_replicate. Gradients are reduced in fp32; ``param_dtype`` (e.g. bf16) is the dtype
+    the unsharded parameters take for compute, while the sharded fp32 ones are what the optimizer updates."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    fsdp_mesh = mesh["dp_replicate", "dp_shard_cp"] if dims.dp_replicate > 1 else flat["dp_shard_cp"]
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for i, block in enumerate(model.layers):
+        # The last block's parameters are needed first in backward: keep them unsharded after forward.
+        fully_shard(block, mesh=fsdp_mesh, mp_policy=policy, reshard_after_forward=i < len(model.layers) - 1)
+    fully_shard(model, mesh=fsdp_mesh, mp_policy=policy)
+
+
+def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, flat: dict[str, DeviceMesh], *, cp_mode: str = "ring",
+                cp_layout: str = "zigzag", cp_pad: bool = True, activation_checkpointing: str = "none",
+                ac_every: int = 1, compile: bool = False, param_dtype: torch.dtype | None = None,
+                pad_id: int = 0) -> ContextParallel | None:
+    """Apply TP, CP, activation checkpointing, compile and FSDP2 to ``model`` (built on the meta device) in
+    place; ``mesh`` and ``flat`` come from ``ParallelDims.build_mesh``. Returns the ContextParallel transform (which shards batches) when cp > 1, else None."""
+    if dims.tp > 1:
+        from .tensor_parallel import apply_tensor_parallel
+
+        apply_tensor_parallel(model, mesh["tp"])
+    cp = None
+    if dims.cp > 1:
+        if cp_mode == "hybrid":
+            raise ValueError("parallel.cp_mode=hybrid needs a 2-D (ring, ulysses) CP mesh, which the trainer does "
+                             "not build yet: use ring, allgather or ulysses")
+        cp = ContextParallel(mesh["cp"], mode=cp_mode, layout=cp_layout, pad=cp_pad, pad_id=pad_id)
+        cp.apply(model)
+    apply_activation_checkpointing(model, activation_checkpointing, ac_every)
+    if compile:
+        for block in model.layers:
+            block.compile()
+    if dims.dp_replicate * dims.fsdp > 1 or param_dtype not in (None, torch.float32):
+        apply_fsdp(model, mesh, flat, dims, param_dtype)
+    return cp
+
+
+@torch.no_grad()
+def materialize(model: nn.Module, device: torch.device, seed: int,
+                full_weights: dict[str, torch.Tensor] | None = None) -> None:
+    """Allocate a meta-built (and possibly sharded) model on ``device`` and fill every parameter: each rank takes
+    its shard of the full tensor that ``model.initial_value(name, shape, seed)`` draws (or of ``full_weights[name]``,
+    e.g. loaded from an HF folder). Equal, bit for bit, to an eager ``Transformer(config, seed)`` on one process."""
+    model.to_empty(device=device)
+    for name, param in model.named_parameters():
+        if full_weights is not None:
+            if name not in full_weights:
+                raise KeyError(f"no weight for parameter {name!r} among the {len(full_weights)} given")
+            full = full_weights[name]
+        else:
+            full = model.initial_value(name, param.shape, seed)
+        if tuple(full.shape) != tuple(param.shape):
+            raise ValueError(f"weight {name}: shape {tuple(full.shape)} does not match the model's {tuple(param.shape)}")
+        if isinstance(param, DTensor):
+            local = distribute_tensor(full.to(device, param.dtype), param.device_mesh, param.placements).to_local()
+            param.to_local().copy_(local)
+        else:
+            param.copy_(full)

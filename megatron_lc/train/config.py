@@ -1,0 +1,337 @@
+"""TrainConfig: every setting of a training run, as typed dataclasses loaded from YAML plus ``key.sub=value`` overrides.
+
+``load_train_config(path, overrides)`` checks everything that can be checked without processes (unknown keys with
+the closest valid name, impossible values and combinations); ``TrainConfig.check_world(world_size)`` checks the
+mesh against the number of processes. Both run before any process group starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from ..configtools import ConfigError, check_keys, load_yaml
+from ..model.config import ModelConfig, preset_config
+
+
+@dataclass
+class ModelSection:
+    """Which model to train: a preset and/or explicit ModelConfig fields, and where its first weights come from."""
+
+    preset: str | None = None
+    """A named preset (qwen2-0.5b, qwen2-1.5b, qwen2-7b, tiny, demo); fields given beside it override it."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """ModelConfig fields (all of them without a preset, or overrides of the preset's)."""
+    init_from: str | None = None
+    """An HF Qwen2 folder (config.json + safetensors) to start from; None: random init from train.seed."""
+
+    def build(self) -> ModelConfig:
+        if self.preset is None and not self.config:
+            raise ConfigError("model: give model.preset (e.g. tiny, qwen2-0.5b) or model.config fields")
+        if self.preset is None:
+            return ModelConfig.from_dict(dict(self.config), where="model.config")
+        check_keys(ModelConfig, self.config, "model.config")
+        return dataclasses.replace(preset_config(self.preset), **self.config)
+
+
+@dataclass
+class ParallelSection:
+    """How the world is split: data parallel (replicated x sharded) x context parallel x tensor parallel."""
+
+    dp_replicate: int = 1
+    """Replicas of the model (DDP-style, gradients all-reduced)."""
+    dp_shard: int = -1
+    """FSDP2 shards of each replica; -1: whatever the world size leaves after the other dimensions."""
+    cp: int = 1
+    """Context-parallel degree: processes that split one sequence."""
+    tp: int = 1
+    """Tensor-parallel degree (with sequence parallelism)."""
+    cp_mode: str = "ring"
+    """ring | allgather | ulysses | hybrid (see megatron_lc.parallel.context_parallel)."""
+    cp_layout: str = "zigzag"
+    """zigzag (load-balanced causal work) | contiguous."""
+    cp_pad: bool = True
+    """Pad each sample to a multiple of the CP chunk count (labels -100), so any length works."""
+
+
+@dataclass
+class OptimSection:
+    """AdamW and gradient clipping."""
+
+    lr: float = 3e-4
+    """Peak learning rate."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay on matrices (not on norms, biases)."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip across all shards; 0 disables clipping (the norm is still logged)."""
+
+
+@dataclass
+class ScheduleSection:
+    """Learning-rate schedule over train.steps."""
+
+    kind: str = "cosine"
+    """cosine (warmup then cosine to min_lr_ratio x lr) | constant | warmup_constant."""
+    warmup_steps: int = 0
+    """Linear warmup steps from 0 (cosine and warmup_constant)."""
+    min_lr_ratio: float = 0.1
+    """Floor of the cosine as a fraction of the peak lr."""
+
+
+@dataclass
+class DataSection:
+    """Where tokens come from and how they are batched."""
+
+    train_tokens: str = ""
+    """Token file (flat array of token ids, see megatron_lc.train.data_source) for training."""
+    val_tokens: str | None = None
+    """Held-out token file for validation loss; None: no validation."""
+    token_dtype: str = "auto"
+    """uint16 | uint32 | auto (uint16 when the vocabulary fits, else uint32)."""
+    seq_len: int = 2048
+    """Tokens per sample (the model sees seq_len inputs and seq_len aligned labels)."""
+    micro_batch_size: int = 1
+    """Samples per data-parallel replica per micro-batch."""
+    global_batch_tokens: int = 0
+    """Tokens per optimizer step over the whole world; 0: one micro-batch per replica. Must be a multiple of
+    seq_len x micro_batch_size x data-parallel degree (the rest is gradient accumulation)."""
+    seed: int = 0
+    """Seed of the sample order."""
+
+
+@dataclass
+class CheckpointSection:
+    """torch.distributed.checkpoint folders step_<N>/ under dir."""
+
+    dir: str = ""
+    """Folder of the run's checkpoints; empty: no checkpoints."""
+    every: int = 0
+    """Save every N steps (0: only at the end and on SIGTERM)."""
+    keep: int = 2
+    """Complete checkpoints to keep (older ones are deleted after a newer one is complete)."""
+    resume: str = "none"
+    """none | auto (newest complete step_<N> under dir) | a path to a step_<N> folder."""
+
+
+@dataclass
+class LoggingSection:
+    """Metrics: TensorBoard and JSONL under dir, and a progress line on rank 0."""
+
+    dir: str = ""
+    """Folder for metrics.jsonl and TensorBoard events; empty: checkpoint.dir, or no files."""
+    every: int = 1
+    """Log every N steps."""
+    tensorboard: bool = True
+    """Write TensorBoard event files."""
+
+
+@dataclass
+class EvalSection:
+    """Validation loss on data.val_tokens."""
+
+    every: int = 0
+    """Every N steps (0: never)."""
+    batches: int = 4
+    """Micro-batches per replica per validation."""
+
+
+@dataclass
+class TrainSection:
+    """The loop itself."""
+
+    steps: int = 100
+    """Optimizer steps."""
+    seed: int = 0
+    """Seed of the initial weights (per parameter name, so any sharding gives the same model)."""
+    dtype: str = "float32"
+    """bfloat16 | float32: parameters and activations (gradients are reduced in fp32)."""
+    activation_checkpointing: str = "none"
+    """none | full (every block) | every_k (every ac_every-th block)."""
+    ac_every: int = 2
+    """k of every_k."""
+    compile: bool = False
+    """torch.compile each block."""
+    max_bad_steps_in_row: int = 5
+    """Steps with a non-finite loss or gradient are skipped; this many in a row abort the run."""
+    device: str = "auto"
+    """auto (cuda when available) | cpu | cuda."""
+
+
+@dataclass
+class TrainConfig:
+    """A whole run. Sections mirror the YAML's top-level keys."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    data: DataSection = field(default_factory=DataSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    def model_config(self) -> ModelConfig:
+        return self.model.build()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        data = self.to_dict()
+        data["optim"]["betas"] = list(data["optim"]["betas"])
+        return yaml.safe_dump(data, sort_keys=False)
+
+    # ---- checks ---------------------------------------------------------------------------------------------
+    def check(self) -> None:
+        """Raise ConfigError naming the key for impossible values and combinations (no processes needed)."""
+        model = self.model_config()
+        p, d, t = self.parallel, self.data, self.train
+        for name in ("dp_replicate", "cp", "tp"):
+            if getattr(p, name) < 1:
+                raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(p, name)}")
+        if p.dp_shard < 1 and p.dp_shard != -1:
+            raise ConfigError(f"parallel.dp_shard must be >= 1 or -1 (the rest of the world), got {p.dp_shard}")
+        _choice("parallel.cp_mode", p.cp_mode, ("ring", "allgather", "ulysses", "hybrid"))
+        _choice("parallel.cp_layout", p.cp_layout, ("zigzag", "contiguous"))
+        _choice("schedule.kind", self.schedule.kind, ("cosine", "constant", "warmup_constant"))
+        _choice("train.dtype", t.dtype, ("float32", "bfloat16"))
+        _choice("train.activation_checkpointing", t.activation_checkpointing, ("none", "full", "every_k"))
+        _choice("train.device", t.device, ("auto", "cpu", "cuda"))
+        _choice("data.token_dtype", d.token_dtype, ("auto", "uint16", "uint32"))
+        if t.steps < 1:
+            raise ConfigError(f"train.steps must be >= 1, got {t.steps}")
+        if t.activation_checkpointing == "every_k" and t.ac_every < 1:
+            raise ConfigError(f"train.ac_every must be >= 1, got {t.ac_every}")
+        if d.seq_len < 2 or d.micro_batch_size < 1:
+            raise ConfigError(f"data.seq_len must be >= 2 and data.micro_batch_size >= 1, got {d.seq_len}, "
+                              f"{d.micro_batch_size}")
+        if not d.train_tokens:
+            raise ConfigError("data.train_tokens: give the training token file")
+        if self.eval.every and not d.val_tokens:
+            raise ConfigError("eval.every > 0 needs data.val_tokens (a held-out token file)")
+        if not 0 <= self.schedule.min_lr_ratio <= 1:
+            raise ConfigError(f"schedule.min_lr_ratio must be in [0, 1], got {self.schedule.min_lr_ratio}")
+        if self.schedule.warmup_steps < 0 or self.schedule.warmup_steps > t.steps:
+            raise ConfigError(f"schedule.warmup_steps must be in [0, train.steps={t.steps}], got "
+                              f"{self.schedule.warmup_steps}")
+        if self.optim.lr <= 0 or self.optim.grad_clip < 0:
+            raise ConfigError(f"optim.lr must be > 0 and optim.grad_clip >= 0, got {self.optim.lr}, "
+                              f"{self.optim.grad_clip}")
+        c = self.checkpoint
+        if c.resume not in ("none", "auto") and not os.path.isdir(c.resume):
+            raise ConfigError(f"checkpoint.resume: no checkpoint folder {c.resume!r} (use none, auto or a step_<N> "
+                              f"folder)")
+        if (c.every or c.resume == "auto") and not c.dir:
+            raise ConfigError("checkpoint.every / checkpoint.resume=auto need checkpoint.dir")
+        if c.keep < 1:
+            raise ConfigError(f"checkpoint.keep must be >= 1, got {c.keep}")
+        for name, size in (("num_heads", model.num_heads), ("num_kv_heads", model.num_kv_heads),
+                           ("vocab_size", model.vocab_size), ("intermediate_size", model.intermediate_size)):
+            if size % p.tp:
+                raise ConfigError(f"parallel.tp={p.tp} does not divide model {name}={size}: pick a tp that does")
+        if p.cp_mode in ("ulysses", "hybrid") and model.num_heads % p.cp:
+            raise ConfigError(f"parallel.cp_mode={p.cp_mode} splits heads: cp={p.cp} must divide num_heads="
+                              f"{model.num_heads}; use cp_mode=ring")
+
+    def check_world(self, world_size: int) -> dict[str, int]:
+        """Resolve dp_shard=-1 and check that dp_replicate x dp_shard x cp x tp == world_size and that the global
+        batch divides. Returns the sizes {dp_replicate, dp_shard, cp, tp, accumulation}."""
+        p = self.parallel
+        others = p.dp_replicate * p.cp * p.tp
+        if p.dp_shard == -1:
+            if world_size % others:
+                raise ConfigError(f"world size {world_size} is not divisible by dp_replicate x cp x tp = {others}: "
+                                  f"launch a multiple of {others} processes or change parallel.*")
+            dp_shard = world_size // others
+        else:
+            dp_shard = p.dp_shard
+            if others * dp_shard != world_size:
+                raise ConfigError(f"parallel dp_replicate x dp_shard x cp x tp = {p.dp_replicate} x {dp_shard} x "
+                                  f"{p.cp} x {p.tp} = {others * dp_shard} but the world has {world_size} processes; "
+                                  f"set parallel.dp_shard=-1 to fill the world")
+        dp = p.dp_replicate * dp_shard
+        per_micro = self.data.seq_len * self.data.micro_batch_size * dp
+        accumulation = 1
+        if self.data.global_batch_tokens:
+            if self.data.global_batch_tokens % per_micro:
+                raise ConfigError(f"data.global_batch_tokens={self.data.global_batch_tokens} is not a multiple of "
+                                  f"seq_len x micro_batch_size x dp = {per_micro}: use a multiple")
+            accumulation = self.data.global_batch_tokens // per_micro
+        return {"dp_replicate": p.dp_replicate, "dp_shard": dp_shard, "cp": p.cp, "tp": p.tp,
+                "accumulation": accumulation}
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+_SECTIONS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+
+
+def _section_class(name: str):
+    return {"model": ModelSection, "parallel": ParallelSection, "optim": OptimSection,
+            "schedule": ScheduleSection, "data": DataSection, "checkpoint": CheckpointSection,
+            "logging": LoggingSection, "eval": EvalSection, "train": TrainSection}[name]
+
+
+def apply_override(data: dict, item: str) -> None:
+    """Apply one ``section.key=value`` (or ``model.config.key=value``) to the nested dict ``data``; the value is
+    parsed as YAML (numbers, booleans, null, lists)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value (e.g. optim.lr=1e-4)")
+    path, raw = item.split("=", 1)
+    keys = path.strip().split(".")
+    if len(keys) < 2:
+        raise ConfigError(f"override {item!r}: name a section and a key, e.g. train.steps=10")
+    value = yaml.safe_load(raw)
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {key} is not a section")
+    node[keys[-1]] = value
+
+
+def config_from_dict(data: dict[str, Any], where: str = "config") -> TrainConfig:
+    """Build and check a TrainConfig from nested dicts; unknown keys fail naming the closest valid key."""
+    check_keys(TrainConfig, data, where)
+    sections = {}
+    for name, value in data.items():
+        cls = _section_class(name)
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {name} must be a mapping, got {type(value).__name__}")
+        check_keys(cls, value, f"{where}: {name}")
+        value = dict(value)
+        if name == "optim" and "betas" in value:
+            value["betas"] = tuple(float(b) for b in value["betas"])
+        for key, v in value.items():  # PyYAML reads 1e-4 (no dot) as a string
+            default = getattr(cls(), key)
+            if isinstance(default, float) and isinstance(v, (str, int)) and not isinstance(v, bool):
+                try:
+                    value[key] = float(v)
+                except ValueError:
+                    raise ConfigError(f"{where}: {name}.{key} must be a number, got {v!r}") from None
+        sections[name] = cls(**value)
+    cfg = TrainConfig(**sections)
+    cfg.check()
+    return cfg
+
+
+def load_train_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> TrainConfig:
+    """Read a YAML run config (or start from defaults when path is None), apply ``section.key=value`` overrides,
+    build and check it."""
+    data = load_yaml(path) if path else {}
+    for item in overrides:
+        apply_override(data, item)
+    return config_from_dict(data, where=str(path) if path else "config")

@@ -1,0 +1,267 @@
+"""The training loop: ``train(cfg)`` under torchrun (any number of processes) or as one process.
+
+One step: every replica takes ``accumulation`` micro-batches; the step's target tokens are counted and all-reduced
+over DP x CP first, so each micro-batch's summed loss is scaled to its exact share of the global mean (every target
+token weighs the same however the batch is split; FSDP's averaging over its ranks is undone by the same factor).
+A step without target tokens is skipped and counted; a non-finite loss or gradient norm skips the step, and
+``train.max_bad_steps_in_row`` of them in a row abort the run.
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from ..model import Transformer
+from ..parallel.dims import ParallelDims
+from ..parallel.parallelize import materialize, parallelize
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .data_source import Loader, TokenFileSamples
+from .metrics import MetricsLogger, Progress, peak_flops_per_second, peak_memory_bytes, reset_peak_memory, \
+    train_flops_per_token
+from .optim import build_optimizer, build_scheduler
+
+
+class TrainingAborted(RuntimeError):
+    """Too many bad steps in a row (non-finite loss or gradients)."""
+
+
+def init_distributed(device_type: str) -> None:
+    """Join torchrun's process group, or make a one-process group when run without torchrun."""
+    if dist.is_initialized():
+        return
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        if device_type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def _device(cfg: TrainConfig) -> torch.device:
+    kind = cfg.train.device
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device=cuda but CUDA is not available: use train.device=cpu or auto")
+        return torch.device("cuda", torch.cuda.current_device() if dist.is_initialized() else 0)
+    return torch.device("cpu")
+
+
+def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """Global L2 norm of the gradients across every shard (FSDP/TP DTensors reduce to the full norm)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=False)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+class Trainer:
+    """Builds everything from a TrainConfig (collective: every rank constructs one) and runs the loop."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        device = _device(cfg)
+        init_distributed(device.type)
+        self.device = _device(cfg)
+        self.rank, world = dist.get_rank(), dist.get_world_size()
+        sizes = cfg.check_world(world)
+        self.accumulation = sizes.pop("accumulation")
+        self.dims = ParallelDims(world_size=world, **sizes)
+        self.mesh, self.flat_mesh = self.dims.build_mesh(self.device.type)
+        self.dp_cp_group = self.flat_mesh["dp_cp"].get_group()
+        self.model_config = cfg.model_config()
+        with torch.device("meta"):
+            self.model = Transformer(self.model_config)
+        param_dtype = torch.bfloat16 if cfg.train.dtype == "bfloat16" else None
+        p = cfg.parallel
+        self.cp = parallelize(self.model, self.dims, self.mesh, self.flat_mesh, cp_mode=p.cp_mode, cp_layout=p.cp_layout,
+                              cp_pad=p.cp_pad, activation_checkpointing=cfg.train.activation_checkpointing,
+                              ac_every=cfg.train.ac_every, compile=cfg.train.compile, param_dtype=param_dtype)
+        self.sharded = any(isinstance(q, DTensor) for q in self.model.parameters())
+        # FSDP/HSDP average gradients over their ranks; the loss scale below multiplies that back to a sum.
+        self.grad_divisor = self.dims.dp_replicate * self.dims.fsdp if hasattr(self.model, "reshard") else 1
+        full_weights = None
+        if cfg.model.init_from:
+            from ..model import load_hf
+
+            full_weights = dict(load_hf(cfg.model.init_from).named_parameters())
+        materialize(self.model, self.device, cfg.train.seed, full_weights)
+        self.params = [q for q in self.model.parameters() if q.requires_grad]
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.train.steps, cfg.schedule)
+        d = cfg.data
+        samples = TokenFileSamples(d.train_tokens, d.seq_len, self.model_config.vocab_size, d.token_dtype, d.seed)
+        self.dp_rank = self.flat_mesh["dp"].get_local_rank()
+        self.loader = Loader(samples, d.micro_batch_size, self.dims.dp, self.dp_rank)
+        self.val_samples = (TokenFileSamples(d.val_tokens, d.seq_len, self.model_config.vocab_size, d.token_dtype,
+                                             shuffle=False) if d.val_tokens else None)
+        self.step, self.skipped, self.bad_in_row, self.tokens_seen = 0, 0, 0, 0
+        self.flops_per_token = train_flops_per_token(self.model_config, d.seq_len)
+        self.peak_flops = peak_flops_per_second(self.device, param_dtype or torch.float32)
+        self.stop_requested = False
+        self.grad_hook = None  # called as grad_hook(trainer) once a step's gradients are final, before clipping
+        self._maybe_resume()
+
+    # ---- checkpoints ------------------------------------------------------------------------------------------
+    def _maybe_resume(self) -> None:
+        c = self.cfg.checkpoint
+        if c.dir and self.rank == 0:
+            for path in ckpt.find_checkpoints(c.dir)[1]:
+                print(f"[megatron-lc] ignoring incomplete checkpoint {path} (no {ckpt.MARKER} marker: its save "
+                      f"crashed)", flush=True)
+        path = ckpt.latest_checkpoint(c.dir) if c.resume == "auto" else (None if c.resume == "none" else c.resume)
+        if path is None:
+            return
+        state = ckpt.load(path, self.model, self.optimizer)
+        if not state["has_optimizer"]:  # weights only (e.g. converted from HF): a warm start at step 0
+            if self.rank == 0:
+                print(f"[megatron-lc] starting from the weights of {path}", flush=True)
+            return
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.loader.load_state_dict(state["loader"])
+        self.step, self.skipped, self.tokens_seen = state["step"], state["skipped"], state["tokens_seen"]
+        if self.rank == 0:
+            print(f"[megatron-lc] resumed from {path} at step {self.step}", flush=True)
+
+    def save(self) -> str:
+        c = self.cfg.checkpoint
+        path = ckpt.step_dir(c.dir, self.step)
+        state = {"step": self.step, "skipped": self.skipped, "tokens_seen": self.tokens_seen,
+                 "scheduler": self.scheduler.state_dict(), "loader": self.loader.state_dict(),
+                 "config": self.cfg.to_dict()}
+        ckpt.save(path, self.model, self.optimizer, state, keep=c.keep)
+        return path
+
+    # ---- one step ---------------------------------------------------------------------------------------------
+    def _prepare(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.cp is not None:
+            batch = self.cp.shard_batch(batch)
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def _all_reduce(self, *values: torch.Tensor) -> list[torch.Tensor]:
+        packed = torch.stack([v.to(self.device, torch.float64) for v in values])
+        dist.all_reduce(packed, group=self.dp_cp_group)
+        return list(packed)
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step (or a counted skip). Returns this step's metrics (the same on every rank)."""
+        start = time.perf_counter()
+        batches = [self._prepare(self.loader.next()) for _ in range(self.accumulation)]
+        local_count = sum(int((b["labels"] != -100).sum()) for b in batches)
+        (global_count,) = self._all_reduce(torch.tensor(local_count))
+        self.step += 1
+        tokens = self.cfg.data.seq_len * self.cfg.data.micro_batch_size * self.dims.dp * self.accumulation
+        self.tokens_seen += tokens
+        metrics = {"train/lr": self.scheduler.get_last_lr()[0], "train/tokens_seen": self.tokens_seen}
+        if global_count == 0:
+            self.skipped += 1
+            return {**metrics, "train/skipped_steps": self.skipped}
+        scale = self.grad_divisor / float(global_count)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for b in batches:
+            s, _ = self.model(b["input_ids"], b["position_ids"], b["labels"], reduction="sum")
+            (s * scale).backward()
+            loss_sum += s.detach().double()
+        (loss_sum,) = self._all_reduce(loss_sum)
+        loss = (loss_sum / global_count).item()
+        norm = _grad_norm(self.params)
+        if self.grad_hook is not None:
+            self.grad_hook(self)
+        if not (math.isfinite(loss) and torch.isfinite(norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped += 1
+            self.bad_in_row += 1
+            if self.bad_in_row >= self.cfg.train.max_bad_steps_in_row:
+                raise TrainingAborted(f"{self.bad_in_row} steps in a row had a non-finite loss or gradient (last: "
+                                      f"loss {loss}, grad norm {norm.item()}) at step {self.step}: lower optim.lr, "
+                                      f"check the data, or resume from an earlier checkpoint")
+            return {**metrics, "train/loss": loss, "train/skipped_steps": self.skipped}
+        self.bad_in_row = 0
+        if self.cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(self.params, self.cfg.optim.grad_clip, norm, foreach=False)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        metrics.update({"train/loss": loss, "train/grad_norm": norm.item(), "train/skipped_steps": self.skipped,
+                        "train/tokens_per_second": tokens / seconds, "train/step_seconds": seconds})
+        if self.peak_flops:
+            metrics["train/mfu"] = tokens / seconds * self.flops_per_token / (self.peak_flops * dist.get_world_size())
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over eval.batches micro-batches per replica of the validation file (the same ones each time)."""
+        loader = Loader(self.val_samples, self.cfg.data.micro_batch_size, self.dims.dp, self.dp_rank)
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for _ in range(self.cfg.eval.batches):
+            b = self._prepare(loader.next())
+            s, c = self.model(b["input_ids"], b["position_ids"], b["labels"], reduction="sum")
+            total += torch.stack([s.double(), c.double()])
+        loss_sum, count = self._all_reduce(*total)
+        return (loss_sum / count.clamp(min=1)).item()
+
+    # ---- the loop ---------------------------------------------------------------------------------------------
+    def _on_sigterm(self, signum, frame):
+        self.stop_requested = True
+
+    def _stop_everywhere(self) -> bool:
+        flag = torch.tensor([float(self.stop_requested)], device=self.device)
+        dist.all_reduce(flag)
+        return bool(flag.item())
+
+    def run(self, until: int | None = None) -> list[dict[str, float]]:
+        """Train to train.steps, or to step ``until`` (then checkpoint, as on SIGTERM, and return: the schedule
+        still spans train.steps, so a resumed run continues exactly). Returns the per-step metrics."""
+        cfg = self.cfg
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm) if self._main_thread() else None
+        log_dir = cfg.logging.dir or cfg.checkpoint.dir
+        history = []
+        logger = MetricsLogger(log_dir, rank=self.rank, tensorboard=cfg.logging.tensorboard,
+                               resume_step=self.step) if log_dir else None
+        progress = Progress(cfg.train.steps, rank=self.rank)
+        try:
+            last = cfg.train.steps if until is None else min(until, cfg.train.steps)
+            while self.step < last:
+                reset_peak_memory(self.device)
+                metrics = self.train_step()
+                metrics["train/peak_memory_gib"] = peak_memory_bytes(self.device) / 2**30
+                if cfg.eval.every and self.step % cfg.eval.every == 0:
+                    metrics["val/loss"] = self.evaluate()
+                history.append({"step": self.step, **metrics})
+                if logger and self.step % cfg.logging.every == 0:
+                    logger.log(self.step, metrics)
+                progress.update(self.step, metrics)
+                stop = self._stop_everywhere() or self.step == last
+                if cfg.checkpoint.dir and (stop or
+                                           (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0)):
+                    self.save()
+                if stop:
+                    break
+        finally:
+            if logger:
+                logger.close()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+        return history
+
+    @staticmethod
+    def _main_thread() -> bool:
+        import threading
+
+        return threading.current_thread() is threading.main_thread()
+
+
+def train(cfg: TrainConfig) -> list[dict[str, float]]:
+    """Build a Trainer from ``cfg`` and run it; returns the per-step metrics."""
+    return Trainer(cfg).run()
