@@ -6,6 +6,7 @@ import pytest
 
 from megatron_lc.configtools import ConfigError
 from megatron_lc.model import PRESETS, ModelConfig, Transformer, preset_config
+from megatron_lc.train.config import load_train_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,6 +30,8 @@ def test_every_yaml_under_configs_loads():
     for path in files:
         if os.sep + "models" + os.sep in path:
             ModelConfig.from_yaml(path)
+        elif os.sep + "train" + os.sep in path:
+            load_train_config(path)
         else:
             pytest.fail(f"{path}: no loader is registered for this folder yet; add it to this test")
 
