@@ -242,3 +242,40 @@ def test_world_size_must_fit_the_mesh(corpus):
     with pytest.raises(ConfigError, match="global_batch_tokens=100 is not a multiple"):
         _cfg(corpus, ["data.global_batch_tokens=100"]).check_world(1)
     assert _cfg(corpus, ["data.global_batch_tokens=256", "data.micro_batch_size=2"]).check_world(2)["accumulation"] == 2
+
+
+# ---- conversion to and from HF folders ----------------------------------------------------------------------------
+def _cli(*args):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "megatron_lc.cli", *args], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def _params_job(rank, world, corpus, overrides):
+    from megatron_lc.train.trainer import Trainer
+
+    trainer = Trainer(_cfg(corpus, overrides))
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+
+def test_convert_checkpoint_to_hf_and_back(corpus, tmp_path):
+    """A checkpoint written by 2 FSDP ranks -> HF folder (transformers-loadable) with the trained weights; that HF
+    folder -> a weights-only checkpoint a new run starts from (step 0, fresh optimizer)."""
+    from megatron_lc.model import load_hf
+
+    run = tmp_path / "run"
+    _run(2, corpus, ["train.steps=2", "data.micro_batch_size=2", f"checkpoint.dir={run}"])
+    _cli("convert", "--from", str(run / "step_2"), "--to", str(tmp_path / "hf"))
+    trained = run_distributed(_params_job, 1, corpus, [f"checkpoint.resume={run}/step_2"])[0]
+    exported = dict(load_hf(str(tmp_path / "hf")).named_parameters())
+    assert exported.keys() == trained.keys()
+    for name, value in trained.items():
+        assert torch.equal(exported[name], value), name
+    _cli("convert", "--from", str(tmp_path / "hf"), "--to", str(tmp_path / "warm" / "step_0"))
+    warm = run_distributed(_params_job, 1, corpus, [f"checkpoint.resume={tmp_path}/warm/step_0"])[0]
+    for name, value in trained.items():
+        assert torch.equal(warm[name], value), name
