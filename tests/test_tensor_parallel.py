@@ -55,13 +55,13 @@ def _full(t):
 
 
 def _tp_model_worker(cfg, mesh, sequence_parallel=True):
-    from megatron_lc.parallel.tensor_parallel import apply_tensor_parallel, init_sharded
+    from megatron_lc.parallel.parallelize import materialize
+    from megatron_lc.parallel.tensor_parallel import apply_tensor_parallel
 
     with torch.device("meta"):
         model = Transformer(cfg)
     apply_tensor_parallel(model, mesh, sequence_parallel=sequence_parallel)
-    model.to_empty(device="cpu")
-    init_sharded(model, SEED)
+    materialize(model, torch.device("cpu"), SEED)
     init = {name: _full(p).detach().clone() for name, p in model.named_parameters()}
     loss, count, norm = _train_step(model, list(model.parameters()))
     grads = {name: _full(p.grad) for name, p in model.named_parameters()}

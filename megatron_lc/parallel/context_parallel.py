@@ -141,7 +141,8 @@ class ContextParallel:
         """Route the model's attention through this CP group; validates head counts for Ulysses first."""
         if self.mode in ("ulysses", "hybrid"):
             degree = self.size if self.mode == "ulysses" else self.mesh.size(1)
-            heads, kv_heads = model.config.num_heads, model.config.num_kv_heads
+            # The heads this rank's attention sees: H/tp under tensor parallelism.
+            heads, kv_heads = model.layers[0].attn.num_heads, model.layers[0].attn.num_kv_heads
             if heads % degree:
                 raise ValueError(f"Ulysses degree {degree} does not divide num_heads={heads}: pick a degree among "
                                  f"{[d for d in range(1, heads + 1) if heads % d == 0]} or use mode='ring'")

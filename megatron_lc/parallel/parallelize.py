@@ -95,7 +95,10 @@ def materialize(model: nn.Module, device: torch.device, seed: int,
         if tuple(full.shape) != tuple(param.shape):
             raise ValueError(f"weight {name}: shape {tuple(full.shape)} does not match the model's {tuple(param.shape)}")
         if isinstance(param, DTensor):
-            local = distribute_tensor(full.to(device, param.dtype), param.device_mesh, param.placements).to_local()
+            # Every rank holds the same full tensor, so each takes its shard locally (src_data_rank=None: no
+            # broadcast from a source rank).
+            local = distribute_tensor(full.to(device, param.dtype), param.device_mesh, param.placements,
+                                      src_data_rank=None).to_local()
             param.to_local().copy_(local)
         else:
             param.copy_(full)

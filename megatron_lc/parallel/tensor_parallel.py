@@ -156,7 +156,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_par
     vocab-sharded (and stay tied when the config ties them), norms are replicated, each attention module's head
     counts become the local ones, and ``model.loss_fn`` becomes ``vocab_parallel_cross_entropy``. With
     ``sequence_parallel`` the residual stream is sharded over the sequence (S must then divide by the TP degree).
-    Every TP rank must feed the same batch. A meta-built model is then filled by ``to_empty`` + ``init_sharded``.
+    Every TP rank must feed the same batch. A meta-built model is then filled by ``parallelize.materialize``.
     ``hidden_states`` then returns a Replicate DTensor; logits (no labels) stay plain full ``[B, S, V]`` tensors.
     Norm weight gradients are Partial DTensors (reduced lazily by full_tensor, clip_grad_norm_, optimizers, FSDP2).
     """
@@ -212,20 +212,3 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_par
         _replicate_norm(model.norm, tp_mesh, local_output=False)
     model.tie_weights()  # parallelize_module made a new Parameter for each of embed and lm_head
     model.loss_fn = vocab_parallel_cross_entropy
-
-
-
-@torch.no_grad()
-def init_sharded(model: nn.Module, seed: int) -> None:
-    """Fill every parameter (plain or DTensor on any mesh, e.g. TP and/or FSDP) after ``to_empty`` with its shard
-    of ``model.initial_value(name, full_shape, seed)``: equal, bit for bit, to an eager ``Transformer(cfg, seed)``."""
-    for name, param in model.named_parameters():  # a tied weight appears once
-        if param.device.type == "meta":
-            raise ValueError(f"parameter {name} is on the meta device: call model.to_empty(device=...) first")
-        full = model.initial_value(name, param.shape, seed).to(param.device, param.dtype)
-        if isinstance(param, DTensor):
-            # Every rank draws the same full tensor, so each takes its shard locally (no broadcast).
-            shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
-            param.to_local().copy_(shard.to_local())
-        else:
-            param.copy_(full)
