@@ -17,6 +17,7 @@ setup(
         "safetensors",
         "pyyaml",
         "tqdm",
+        "tensorboard",
     ],
     extras_require={
         "dev": ["pytest", "transformers>=4.45", "ruff", "matplotlib"],
