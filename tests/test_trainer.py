@@ -107,7 +107,10 @@ def _reference(corpus):
     (2, ["data.micro_batch_size=2"]),                     # FSDP2 over 2 data-parallel ranks
     (2, ["data.micro_batch_size=4", "parallel.cp=2"]),    # one replica, the sequence over 2 ranks (ring)
     (4, ["data.micro_batch_size=2", "parallel.cp=2"]),    # dp 2 x cp 2
-], ids=["dp2", "cp2", "dp2xcp2"])
+    (2, ["data.micro_batch_size=4", "parallel.tp=2"]),    # tensor parallel with sequence parallelism
+    (4, ["data.micro_batch_size=2", "parallel.tp=2"]),    # FSDP2 x TP: the 2-D sharded init must equal eager
+    (4, ["data.micro_batch_size=4", "parallel.cp=2", "parallel.tp=2"]),
+], ids=["dp2", "cp2", "dp2xcp2", "tp2", "dp2xtp2", "cp2xtp2"])
 def test_parallel_layout_equals_one_process(corpus, world, overrides):
     """Gradients after step 1 (full tensors), the logged grad norms and the 5-step loss curve equal one process
     at atol=rtol=1e-5; the sharded meta-device init equals an eager build bit for bit."""

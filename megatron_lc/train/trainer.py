@@ -23,7 +23,7 @@ from ..parallel.parallelize import materialize, parallelize
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data_source import Loader, TokenFileSamples
-from .metrics import MetricsLogger, Progress, peak_flops_per_second, peak_memory_bytes, reset_peak_memory, \
+from .metrics import MetricsLogger, Progress, mfu, peak_flops_per_second, peak_memory_bytes, reset_peak_memory, \
     train_flops_per_token
 from .optim import build_optimizer, build_scheduler
 
@@ -196,7 +196,7 @@ class Trainer:
         metrics.update({"train/loss": loss, "train/grad_norm": norm.item(), "train/skipped_steps": self.skipped,
                         "train/tokens_per_second": tokens / seconds, "train/step_seconds": seconds})
         if self.peak_flops:
-            metrics["train/mfu"] = tokens / seconds * self.flops_per_token / (self.peak_flops * dist.get_world_size())
+            metrics["train/mfu"] = mfu(tokens / seconds, self.flops_per_token, self.peak_flops, dist.get_world_size())
         return metrics
 
     @torch.no_grad()
