@@ -110,7 +110,11 @@ def _reference(corpus):
     (2, ["data.micro_batch_size=4", "parallel.tp=2"]),    # tensor parallel with sequence parallelism
     (4, ["data.micro_batch_size=2", "parallel.tp=2"]),    # FSDP2 x TP: the 2-D sharded init must equal eager
     (4, ["data.micro_batch_size=4", "parallel.cp=2", "parallel.tp=2"]),
-], ids=["dp2", "cp2", "dp2xcp2", "tp2", "dp2xtp2", "cp2xtp2"])
+    (4, ["data.micro_batch_size=1", "parallel.dp_replicate=2", "parallel.dp_shard=2"]),  # HSDP
+    (1, ["data.micro_batch_size=2", "data.global_batch_tokens=128"]),  # 2 accumulated micro-batches
+    (2, ["data.micro_batch_size=1", "data.global_batch_tokens=128", "train.activation_checkpointing=full"]),
+    (2, ["data.micro_batch_size=2", "train.activation_checkpointing=every_k", "parallel.cp_mode=allgather"]),
+], ids=["dp2", "cp2", "dp2xcp2", "tp2", "dp2xtp2", "cp2xtp2", "hsdp2x2", "accum2", "dp2-accum2-ac", "dp2-ack"])
 def test_parallel_layout_equals_one_process(corpus, world, overrides):
     """Gradients after step 1 (full tensors), the logged grad norms and the 5-step loss curve equal one process
     at atol=rtol=1e-5; the sharded meta-device init equals an eager build bit for bit."""
@@ -123,6 +127,50 @@ def test_parallel_layout_equals_one_process(corpus, world, overrides):
         assert r["grads"].keys() == ref["grads"].keys()
         for name, grad in ref["grads"].items():
             torch.testing.assert_close(r["grads"][name], grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_torchrun_cli_equals_one_process(corpus, tmp_path):
+    """`torchrun --nproc-per-node 2 -m megatron_lc.cli train ... parallel.cp=2`: the JSONL loss curve equals the
+    one-process run's."""
+    import subprocess
+    import sys
+
+    ref = _reference(corpus)
+    args = [f"data.train_tokens={corpus}/train.bin", *BASE, "train.steps=5", "data.micro_batch_size=4",
+            "parallel.cp=2", f"logging.dir={tmp_path}"]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", str(_free_port()), "-m", "megatron_lc.cli", "train", *args],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    losses = [json.loads(line)["train/loss"] for line in open(tmp_path / "metrics.jsonl")]
+    np.testing.assert_allclose(losses, ref["loss"], atol=1e-5, rtol=1e-5)
+    assert "step 5/5 | loss" in done.stderr  # the progress line, printed once (rank 0 only)
+    assert done.stderr.count("step 5/5 |") == 1
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_optimizer_groups_and_schedules():
+    from megatron_lc.model import Transformer, preset_config
+    from megatron_lc.train.config import OptimSection, ScheduleSection
+    from megatron_lc.train.optim import build_optimizer, lr_multiplier
+
+    model = Transformer(preset_config("tiny"))
+    decay, no_decay = build_optimizer(model, OptimSection(weight_decay=0.1)).param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim == 2 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    cosine = ScheduleSection(kind="cosine", warmup_steps=2, min_lr_ratio=0.1)
+    assert [round(lr_multiplier(s, 6, cosine), 6) for s in range(6)] == [0.5, 1.0, 1.0, 0.775, 0.325, 0.1]
+    assert [lr_multiplier(s, 6, ScheduleSection(kind="warmup_constant", warmup_steps=4)) for s in (0, 3, 5)] == \
+        [0.25, 1.0, 1.0]
+    assert {lr_multiplier(s, 6, ScheduleSection(kind="constant", warmup_steps=3)) for s in range(6)} == {1.0}
 
 
 # ---- checkpoints ------------------------------------------------------------------------------------------------
