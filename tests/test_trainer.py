@@ -330,3 +330,14 @@ def test_convert_checkpoint_to_hf_and_back(corpus, tmp_path):
     warm = run_distributed(_params_job, 1, corpus, [f"checkpoint.resume={tmp_path}/warm/step_0"])[0]
     for name, value in trained.items():
         assert torch.equal(warm[name], value), name
+
+
+@pytest.mark.slow
+def test_compiled_blocks_equal_eager(corpus):
+    """train.compile=true (torch.compile per block, ~15 s of compiling on CPU): losses and grad norms of 3 steps
+    equal eager at atol=rtol=1e-5."""
+    common = ["train.steps=3", "data.micro_batch_size=2"]
+    eager = _run(1, corpus, common)[0]
+    compiled = _run(1, corpus, [*common, "train.compile=true"])[0]
+    for key in ("loss", "norm"):
+        np.testing.assert_allclose(compiled[key], eager[key], atol=1e-5, rtol=1e-5)
