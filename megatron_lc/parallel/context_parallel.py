@@ -84,11 +84,11 @@ class ContextParallel:
         for dim in range(self.mesh.ndim):
             group, size = self.mesh.get_group(dim), self.mesh.size(dim)
             # fixed-size message: a different number of entries must not make the all-gather itself fail
-            mine = torch.full((1 + 2 * 16,), -1, dtype=torch.int64)
-            mine[0] = mismatch
-            mine[1:1 + min(len(shape), 32)] = torch.tensor(shape[:32], dtype=torch.int64)
             if len(shape) > 32:
                 raise ValueError(f"a batch has {len(names)} entries; at most 16 are supported")
+            message = [mismatch] + shape + [-1] * (32 - len(shape))
+            # On the mesh's device: NCCL groups take CUDA tensors only.
+            mine = torch.tensor(message, dtype=torch.int64, device=self.mesh.device_type)
             gathered = [torch.empty_like(mine) for _ in range(size)]
             dist.all_gather(gathered, mine, group=group)
             mismatch = int(any(g[0] for g in gathered) or any(not torch.equal(g[1:], mine[1:]) for g in gathered))
