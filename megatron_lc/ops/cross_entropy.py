@@ -24,7 +24,7 @@ def auto_chunk_tokens(vocab_size: int) -> int:
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk_tokens, need_grad):
-        n, v = hidden.shape[0], weight.shape[0]
+        n, _v = hidden.shape[0], weight.shape[0]
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_grad else None
         # fp32 accumulation across chunks: bf16 accumulation of the weight gradient drifts.
@@ -39,16 +39,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             target_logit = logits.gather(1, safe_y.unsqueeze(1)).squeeze(1)
             loss_sum += ((lse - target_logit) * valid).sum()
             if need_grad:
-                # d(loss)/d(logits) = softmax - onehot(target), zero on ignored rows; computed in place.
-                grad_logits = logits.sub_(lse.unsqueeze(1)).exp_()
-                grad_logits.scatter_add_(1, safe_y.unsqueeze(1), torch.full_like(lse, -1.0).unsqueeze(1))
-                grad_logits.mul_(valid.unsqueeze(1))
-                grad_logits = grad_logits.to(hidden.dtype)
-                grad_hidden[start:start + chunk_tokens] = grad_logits @ weight
-                if grad_logits.dtype == torch.float32:
-                    grad_weight.addmm_(grad_logits.t(), h)
-                else:
-                    grad_weight += (grad_logits.t() @ h).float()
+                chunk_grads(logits, lse, safe_y, torch.ones_like(valid), valid, h, weight,
+                            grad_hidden[start:start + chunk_tokens], grad_weight)
             del logits
         if need_grad:
             ctx.save_for_backward(grad_hidden, grad_weight)
@@ -57,10 +49,34 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        scale = grad_out.to(torch.float32)
-        return (grad_hidden * scale.to(grad_hidden.dtype), (grad_weight * scale).to(ctx.weight_dtype),
-                None, None, None)
+        return (*scaled_grads(ctx, grad_out), None, None, None)
+
+
+def chunk_grads(logits: torch.Tensor, lse: torch.Tensor, target: torch.Tensor, has_target: torch.Tensor,
+                valid: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, grad_hidden: torch.Tensor,
+                grad_weight: torch.Tensor) -> None:
+    """Gradients of one token chunk of the summed cross-entropy, computed in place of ``logits``.
+
+    logits ``[c, V']`` fp32 (all or a vocab shard of the columns), lse ``[c]`` of the full row, target ``[c]`` a
+    column index into these logits, has_target ``[c]`` bool: whether the target column is among them (vocab
+    parallel), valid ``[c]`` bool: rows that count. d(loss)/d(logits) = softmax - onehot(target), 0 on invalid rows;
+    writes ``grad_hidden [c, H] = grad_logits @ weight`` and adds ``grad_logits^T h`` to the fp32 ``grad_weight``."""
+    grad_logits = logits.sub_(lse.unsqueeze(1)).exp_()
+    grad_logits.scatter_add_(1, target.unsqueeze(1), -has_target.to(grad_logits.dtype).unsqueeze(1))
+    grad_logits.mul_(valid.unsqueeze(1))
+    grad_logits = grad_logits.to(h.dtype)
+    grad_hidden.copy_(grad_logits @ weight)
+    if grad_logits.dtype == torch.float32:
+        grad_weight.addmm_(grad_logits.t(), h)
+    else:  # fp32 accumulation across chunks: bf16 accumulation of the weight gradient drifts
+        grad_weight += (grad_logits.t() @ h).float()
+
+
+def scaled_grads(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward of a loss whose forward saved (grad_hidden, fp32 grad_weight): scale both by the upstream grad."""
+    grad_hidden, grad_weight = ctx.saved_tensors
+    scale = grad_out.to(torch.float32)
+    return grad_hidden * scale.to(grad_hidden.dtype), (grad_weight * scale).to(ctx.weight_dtype)
 
 
 def linear_cross_entropy(

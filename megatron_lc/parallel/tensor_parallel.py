@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
@@ -30,7 +30,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from ..ops.cross_entropy import IGNORE_INDEX, auto_chunk_tokens
+from ..ops.cross_entropy import IGNORE_INDEX, auto_chunk_tokens, chunk_grads, scaled_grads
 
 # Test hook: when set, called with the shape of every chunk's local logits (to check none is [N, V]).
 _logits_probe: Callable[[torch.Size], None] | None = None
@@ -64,14 +64,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             dist.all_reduce(sums, group=group)
             log_sum_exp = sums[0].log()  # of the max-shifted logits
             loss_sum += ((log_sum_exp - sums[1]) * valid).sum()
-            if need_grad:
-                # d(loss)/d(logits) = softmax - onehot(target) on this rank's columns, zero on ignored rows.
-                grad_logits = logits.sub_(log_sum_exp.unsqueeze(1)).exp_()
-                grad_logits.scatter_add_(1, local_y.unsqueeze(1), -mine.to(grad_logits.dtype).unsqueeze(1))
-                grad_logits.mul_(valid.unsqueeze(1))
-                grad_logits = grad_logits.to(hidden.dtype)
-                grad_hidden[start:start + chunk_tokens] = grad_logits @ weight
-                grad_weight += (grad_logits.t() @ h).float()  # fp32 accumulation across chunks
+            if need_grad:  # softmax - onehot(target) on this rank's columns
+                chunk_grads(logits, log_sum_exp, local_y, mine, valid, h, weight,
+                            grad_hidden[start:start + chunk_tokens], grad_weight)
             del logits
         if need_grad:
             ctx.save_for_backward(grad_hidden, grad_weight)
@@ -80,10 +75,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        scale = grad_out.to(torch.float32)
-        return (grad_hidden * scale.to(grad_hidden.dtype), (grad_weight * scale).to(ctx.weight_dtype),
-                None, None, None, None, None)
+        return (*scaled_grads(ctx, grad_out), None, None, None, None, None)
 
 
 def vocab_parallel_cross_entropy(hidden: torch.Tensor, weight: DTensor, labels: torch.Tensor,

@@ -274,9 +274,6 @@ def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
 
 
-_SECTIONS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
-
-
 def _section_class(name: str):
     return {"model": ModelSection, "parallel": ParallelSection, "optim": OptimSection,
             "schedule": ScheduleSection, "data": DataSection, "checkpoint": CheckpointSection,
