@@ -70,10 +70,11 @@ def _run(world, corpus, overrides, until=None, check_init=False, capture_grads=F
 
 def test_tiny_model_learns_and_logs(corpus, tmp_path):
     """50 steps: the loss falls; TensorBoard holds the loss, val loss and lr series; the JSONL has one line per
-    step; the last step is checkpointed."""
+    step; checkpoints every 10 steps, the last 2 kept."""
     out = tmp_path / "run"
     res = _run(1, corpus, ["train.steps=50", "data.micro_batch_size=4", f"checkpoint.dir={out}",
-                           f"data.val_tokens={corpus}/val.bin", "eval.every=25"])[0]
+                           "checkpoint.every=10", "checkpoint.keep=2", f"data.val_tokens={corpus}/val.bin",
+                           "eval.every=25"])[0]
     assert res["loss"][-1] < 0.5 * res["loss"][0], res["loss"]
     assert len(res["val"]) == 2 and res["val"][1] < res["val"][0]
     lines = [json.loads(line) for line in open(out / "metrics.jsonl")]
@@ -85,6 +86,7 @@ def test_tiny_model_learns_and_logs(corpus, tmp_path):
     for tag, count in (("train/loss", 50), ("train/lr", 50), ("val/loss", 2)):
         assert len(events.Scalars(tag)) == count, tag
     assert events.Scalars("train/loss")[-1].value == pytest.approx(res["loss"][-1], rel=1e-6)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("step_")) == ["step_40", "step_50"]  # keep 2
     assert os.path.isfile(out / "step_50" / "COMPLETE")
 
 
