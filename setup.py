@@ -20,7 +20,7 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "dev": ["pytest", "transformers>=4.45", "ruff", "matplotlib"],
+        "dev": ["pytest", "transformers>=4.45", "ruff", "matplotlib", "triton; platform_system == 'Linux'"],
         "gpu": ["triton", "flash-attn", "ring-flash-attn", "liger-kernel"],
     },
     entry_points={"console_scripts": ["megatron-lc=megatron_lc.cli:main"]},
