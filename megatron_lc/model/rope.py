@@ -64,3 +64,10 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     sin = sin.to(x.dtype).unsqueeze(2)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def apply_rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                    sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``apply_rotary`` to q ``[B, S, H, D]`` and k ``[B, S, H_kv, D]``: the torch implementation behind each
+    Attention's ``rope_fn`` (a fused kernel rotates both in one launch)."""
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)

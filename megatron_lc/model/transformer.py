@@ -14,7 +14,20 @@ import torch.nn.functional as F
 
 from .. import ops
 from .config import ModelConfig
-from .rope import RotaryEmbedding, apply_rotary
+from .rope import RotaryEmbedding, apply_rotary_qk
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x / rms(x) * weight`` over the last dim, statistics in fp32, cast back to x.dtype before the weight (as
+    HF Qwen2). x ``[..., H]``, weight ``[H]``; the torch implementation behind ``RMSNorm.norm_fn``."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up``, both ``[..., I]``; the torch implementation behind ``MLP.act_fn``."""
+    return F.silu(gate) * up
 
 
 class RMSNorm(nn.Module):
@@ -24,12 +37,10 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.norm_fn: Callable[..., torch.Tensor] = rms_norm  # (x, weight, eps); megatron_lc.ops swaps kernels in
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return self.norm_fn(x, self.weight, self.eps)
 
 
 class KVCache:
@@ -65,12 +76,13 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, hkv * d, bias=config.qkv_bias)
         self.o_proj = nn.Linear(h * d, config.hidden_size, bias=False)
         self.attn_fn: Callable[..., torch.Tensor] = ops.attention
+        self.rope_fn: Callable[..., tuple[torch.Tensor, torch.Tensor]] = apply_rotary_qk  # (q, k, cos, sin)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
                 layer: int = 0) -> torch.Tensor:
         b, s, _ = x.shape
-        q = apply_rotary(self.q_proj(x).view(b, s, self.num_heads, self.head_dim), cos, sin)  # [B, S, H, D]
-        k = apply_rotary(self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim), cos, sin)  # [B, S, Hkv, D]
+        q, k = self.rope_fn(self.q_proj(x).view(b, s, self.num_heads, self.head_dim),  # [B, S, H, D]
+                            self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim), cos, sin)  # [B, S, Hkv, D]
         v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
         if cache is not None:
             k, v = cache.update(layer, k, v)
@@ -86,9 +98,10 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn: Callable[..., torch.Tensor] = swiglu  # (gate, up); megatron_lc.ops swaps kernels in
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act_fn(self.gate_proj(x), self.up_proj(x)))
 
 
 class Block(nn.Module):
