@@ -52,16 +52,23 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, flat: dict[str, DeviceMesh], 
     fully_shard(model, mesh=fsdp_mesh, mp_policy=policy)
 
 
-def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, flat: dict[str, DeviceMesh], *, cp_mode: str = "ring",
-                cp_layout: str = "zigzag", cp_pad: bool = True, activation_checkpointing: str = "none",
-                ac_every: int = 1, compile: bool = False, param_dtype: torch.dtype | None = None,
-                pad_id: int = 0) -> ContextParallel | None:
-    """Apply TP, CP, activation checkpointing, compile and FSDP2 to ``model`` (built on the meta device) in
-    place; ``mesh`` and ``flat`` come from ``ParallelDims.build_mesh``. Returns the ContextParallel transform (which shards batches) when cp > 1, else None."""
+def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, flat: dict[str, DeviceMesh], *,
+                cp_mode: str = "ring", cp_layout: str = "zigzag", cp_pad: bool = True,
+                activation_checkpointing: str = "none", ac_every: int = 1, compile: bool = False,
+                param_dtype: torch.dtype | None = None, pad_id: int = 0, kernels: str | dict = "torch",
+                device: torch.device | str = "cpu") -> tuple[ContextParallel | None, dict[str, str]]:
+    """Choose the ops' kernels, then apply TP, CP, activation checkpointing, compile and FSDP2 to ``model`` (built
+    on the meta device) in place; ``mesh`` and ``flat`` come from ``ParallelDims.build_mesh``. Returns the
+    ContextParallel transform (which shards batches; None when cp == 1) and {op: what computes it}."""
+    from ..ops.dispatch import apply_kernels
+
+    # Under sequence parallelism the norms see DTensors, which a Triton kernel cannot take: they stay torch.
+    chosen = apply_kernels(model, kernels, device, skip=("rmsnorm",) if dims.tp > 1 else ())
     if dims.tp > 1:
         from .tensor_parallel import apply_tensor_parallel
 
         apply_tensor_parallel(model, mesh["tp"])
+        chosen.update(rmsnorm="torch (tensor parallel)", linear_cross_entropy="vocab-parallel torch")
     cp = None
     if dims.cp > 1:
         if cp_mode == "hybrid":
@@ -69,13 +76,14 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, flat: di
                              "not build yet: use ring, allgather or ulysses")
         cp = ContextParallel(mesh["cp"], mode=cp_mode, layout=cp_layout, pad=cp_pad, pad_id=pad_id)
         cp.apply(model)
+        chosen["attention"] = f"{cp_mode} over cp={dims.cp} (blocks: ops.attention_lse)"
     apply_activation_checkpointing(model, activation_checkpointing, ac_every)
     if compile:
         for block in model.layers:
             block.compile()
     if dims.dp_replicate * dims.fsdp > 1 or param_dtype not in (None, torch.float32):
         apply_fsdp(model, mesh, flat, dims, param_dtype)
-    return cp
+    return cp, chosen
 
 
 @torch.no_grad()

@@ -162,6 +162,9 @@ class TrainSection:
     """Steps with a non-finite loss or gradient are skipped; this many in a row abort the run."""
     device: str = "auto"
     """auto (cuda when available) | cpu | cuda."""
+    kernels: str | dict = "auto"
+    """auto | torch | triton for every op, or {op: choice} for rmsnorm, swiglu, rope, linear_cross_entropy,
+    attention (see megatron_lc.ops.dispatch; auto: Triton on CUDA, SDPA for attention, torch on CPU)."""
 
 
 @dataclass
@@ -206,6 +209,13 @@ class TrainConfig:
         _choice("train.activation_checkpointing", t.activation_checkpointing, ("none", "full", "every_k"))
         _choice("train.device", t.device, ("auto", "cpu", "cuda"))
         _choice("data.token_dtype", d.token_dtype, ("auto", "uint16", "uint32"))
+        from ..ops.dispatch import CHOICES, OPS
+
+        kernels = t.kernels if isinstance(t.kernels, dict) else {op: t.kernels for op in OPS}
+        for op, choice in kernels.items():
+            if op not in OPS:
+                raise ConfigError(f"train.kernels: unknown op {op!r}; ops are {', '.join(OPS)}")
+            _choice(f"train.kernels.{op}", choice, CHOICES)
         if t.steps < 1:
             raise ConfigError(f"train.steps must be >= 1, got {t.steps}")
         if t.activation_checkpointing == "every_k" and t.ac_every < 1:

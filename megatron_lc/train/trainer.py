@@ -32,10 +32,11 @@ class TrainingAborted(RuntimeError):
     """Too many bad steps in a row (non-finite loss or gradients)."""
 
 
-def init_distributed(device_type: str) -> None:
-    """Join torchrun's process group, or make a one-process group when run without torchrun."""
+def init_distributed(device_type: str) -> bool:
+    """Join torchrun's process group, or make a one-process group when run without torchrun. Returns whether it
+    created the group (and so should destroy it: exiting with live gloo threads aborts the process)."""
     if dist.is_initialized():
-        return
+        return False
     backend = "nccl" if device_type == "cuda" else "gloo"
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         if device_type == "cuda":
@@ -43,6 +44,7 @@ def init_distributed(device_type: str) -> None:
         dist.init_process_group(backend)
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return True
 
 
 def _device(cfg: TrainConfig) -> torch.device:
@@ -69,7 +71,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         device = _device(cfg)
-        init_distributed(device.type)
+        self.owns_process_group = init_distributed(device.type)
         self.device = _device(cfg)
         self.rank, world = dist.get_rank(), dist.get_world_size()
         sizes = cfg.check_world(world)
@@ -82,9 +84,13 @@ class Trainer:
             self.model = Transformer(self.model_config)
         param_dtype = torch.bfloat16 if cfg.train.dtype == "bfloat16" else None
         p = cfg.parallel
-        self.cp = parallelize(self.model, self.dims, self.mesh, self.flat_mesh, cp_mode=p.cp_mode, cp_layout=p.cp_layout,
-                              cp_pad=p.cp_pad, activation_checkpointing=cfg.train.activation_checkpointing,
-                              ac_every=cfg.train.ac_every, compile=cfg.train.compile, param_dtype=param_dtype)
+        self.cp, self.kernels = parallelize(
+            self.model, self.dims, self.mesh, self.flat_mesh, cp_mode=p.cp_mode, cp_layout=p.cp_layout,
+            cp_pad=p.cp_pad, activation_checkpointing=cfg.train.activation_checkpointing, ac_every=cfg.train.ac_every,
+            compile=cfg.train.compile, param_dtype=param_dtype, kernels=cfg.train.kernels, device=self.device)
+        if self.rank == 0:
+            print(f"[megatron-lc] kernels: {', '.join(f'{op}={name}' for op, name in self.kernels.items())}",
+                  flush=True)
         self.sharded = any(isinstance(q, DTensor) for q in self.model.parameters())
         # FSDP/HSDP average gradients over their ranks; the loss scale below multiplies that back to a sum.
         self.grad_divisor = self.dims.dp_replicate * self.dims.fsdp if hasattr(self.model, "reshard") else 1
@@ -263,5 +269,12 @@ class Trainer:
 
 
 def train(cfg: TrainConfig) -> list[dict[str, float]]:
-    """Build a Trainer from ``cfg`` and run it; returns the per-step metrics."""
-    return Trainer(cfg).run()
+    """Build a Trainer from ``cfg`` and run it; returns the per-step metrics. Tears down the process group it
+    started (under torchrun, or alone), so the process exits cleanly."""
+    trainer = Trainer(cfg)
+    try:
+        return trainer.run()
+    finally:
+        if trainer.owns_process_group and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
