@@ -116,7 +116,10 @@ def _reference(corpus):
     (1, ["data.micro_batch_size=2", "data.global_batch_tokens=128"]),  # 2 accumulated micro-batches
     (2, ["data.micro_batch_size=1", "data.global_batch_tokens=128", "train.activation_checkpointing=full"]),
     (2, ["data.micro_batch_size=2", "train.activation_checkpointing=every_k", "parallel.cp_mode=allgather"]),
-], ids=["dp2", "cp2", "dp2xcp2", "tp2", "dp2xtp2", "cp2xtp2", "hsdp2x2", "accum2", "dp2-accum2-ac", "dp2-ack"])
+    (4, ["data.micro_batch_size=4", "parallel.cp=4", "parallel.cp_mode=hybrid", "parallel.cp_ulysses=2"]),
+    (2, ["data.micro_batch_size=4", "parallel.cp=2", "parallel.cp_mode=ulysses"]),
+], ids=["dp2", "cp2", "dp2xcp2", "tp2", "dp2xtp2", "cp2xtp2", "hsdp2x2", "accum2", "dp2-accum2-ac", "dp2-ack",
+        "cp4-hybrid2x2", "cp2-ulysses"])
 def test_parallel_layout_equals_one_process(corpus, world, overrides):
     """Gradients after step 1 (full tensors), the logged grad norms and the 5-step loss curve equal one process
     at atol=rtol=1e-5; the sharded meta-device init equals an eager build bit for bit."""
@@ -277,7 +280,9 @@ def test_skipped_and_aborted_steps(corpus):
 @pytest.mark.parametrize("overrides,message", [
     (["optim.lrr=1"], "unknown key 'lrr' in config: optim: did you mean 'lr'"),
     (["parallel.tp=3"], "parallel.tp=3 does not divide model num_heads=4"),
-    (["parallel.cp_mode=ulysses", "parallel.cp=8"], "cp=8 must divide num_heads=4"),
+    (["parallel.cp_mode=ulysses", "parallel.cp=8"], "its degree 8 x tp=1 must divide num_heads=4"),
+    (["parallel.cp_mode=hybrid", "parallel.cp=4"], "hybrid needs parallel.cp_ulysses >= 2 dividing cp=4"),
+    (["parallel.cp_ulysses=2", "parallel.cp=4"], "applies to cp_mode=hybrid only"),
     (["schedule.kind=linear"], "schedule.kind must be one of cosine, constant, warmup_constant"),
     (["eval.every=10"], "eval.every > 0 needs data.val_tokens"),
     (["optim.lr"], "must look like section.key=value"),

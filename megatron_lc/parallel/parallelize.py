@@ -71,10 +71,10 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, flat: di
         chosen.update(rmsnorm="torch (tensor parallel)", linear_cross_entropy="vocab-parallel torch")
     cp = None
     if dims.cp > 1:
-        if cp_mode == "hybrid":
-            raise ValueError("parallel.cp_mode=hybrid needs a 2-D (ring, ulysses) CP mesh, which the trainer does "
-                             "not build yet: use ring, allgather or ulysses")
-        cp = ContextParallel(mesh["cp"], mode=cp_mode, layout=cp_layout, pad=cp_pad, pad_id=pad_id)
+        if (cp_mode == "hybrid") != (dims.cp_ulysses > 1):
+            raise ValueError(f"cp_mode={cp_mode} with a Ulysses degree of {dims.cp_ulysses}: hybrid needs "
+                             f"parallel.cp_ulysses > 1, the other modes cp_ulysses = 1")
+        cp = ContextParallel(dims.cp_mesh(mesh), mode=cp_mode, layout=cp_layout, pad=cp_pad, pad_id=pad_id)
         cp.apply(model)
         chosen["attention"] = f"{cp_mode} over cp={dims.cp} (blocks: ops.attention_lse)"
     apply_activation_checkpointing(model, activation_checkpointing, ac_every)

@@ -51,6 +51,8 @@ class ParallelSection:
     """Tensor-parallel degree (with sequence parallelism)."""
     cp_mode: str = "ring"
     """ring | allgather | ulysses | hybrid (see megatron_lc.parallel.context_parallel)."""
+    cp_ulysses: int = 1
+    """hybrid only: the Ulysses degree inside cp (cp = ring degree x cp_ulysses; Ulysses on the faster links)."""
     cp_layout: str = "zigzag"
     """zigzag (load-balanced causal work) | contiguous."""
     cp_pad: bool = True
@@ -247,9 +249,17 @@ class TrainConfig:
                            ("vocab_size", model.vocab_size), ("intermediate_size", model.intermediate_size)):
             if size % p.tp:
                 raise ConfigError(f"parallel.tp={p.tp} does not divide model {name}={size}: pick a tp that does")
-        if p.cp_mode in ("ulysses", "hybrid") and model.num_heads % p.cp:
-            raise ConfigError(f"parallel.cp_mode={p.cp_mode} splits heads: cp={p.cp} must divide num_heads="
-                              f"{model.num_heads}; use cp_mode=ring")
+        if p.cp_mode == "hybrid":
+            if p.cp_ulysses < 2 or p.cp % p.cp_ulysses:
+                raise ConfigError(f"parallel.cp_mode=hybrid needs parallel.cp_ulysses >= 2 dividing cp={p.cp}, got "
+                                  f"{p.cp_ulysses}")
+        elif p.cp_ulysses != 1:
+            raise ConfigError(f"parallel.cp_ulysses={p.cp_ulysses} applies to cp_mode=hybrid only (cp_mode is "
+                              f"{p.cp_mode}): set it to 1")
+        heads_split = {"ulysses": p.cp, "hybrid": p.cp_ulysses}.get(p.cp_mode, 1)
+        if model.num_heads % (heads_split * p.tp):
+            raise ConfigError(f"parallel.cp_mode={p.cp_mode} splits heads: its degree {heads_split} x tp={p.tp} must "
+                              f"divide num_heads={model.num_heads}; use cp_mode=ring")
 
     def check_world(self, world_size: int) -> dict[str, int]:
         """Resolve dp_shard=-1 and check that dp_replicate x dp_shard x cp x tp == world_size and that the global
@@ -276,7 +286,7 @@ class TrainConfig:
                                   f"seq_len x micro_batch_size x dp = {per_micro}: use a multiple")
             accumulation = self.data.global_batch_tokens // per_micro
         return {"dp_replicate": p.dp_replicate, "dp_shard": dp_shard, "cp": p.cp, "tp": p.tp,
-                "accumulation": accumulation}
+                "cp_ulysses": p.cp_ulysses, "accumulation": accumulation}
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
