@@ -24,6 +24,7 @@ lse, so it returns this block's exact share of the gradient.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -154,7 +155,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV,
     if CAUSAL:
         # Queries before the first one that sees this key block's first key are fully masked: skip them.
         lo = tl.maximum(start_n - DIFF, 0) // BLOCK_M * BLOCK_M
-    for g in range(0, GROUP):
+    for g in range(GROUP):
         off_h = off_hkv * GROUP + g
         q_base = Q + off_b * sqb + off_h * sqh
         do_base = DO + off_b * sdb + off_h * sdh
@@ -239,7 +240,7 @@ def _bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ,
 
 # ---- host side ----------------------------------------------------------------------------------------------------
 def _check(q, k, v, causal, q_offset, kv_offset):
-    """Validate shapes/dtypes; returns (scale-independent) DIFF = q_offset - kv_offset for the causal mask."""
+    """Validate shapes/dtypes; returns DIFF = q_offset - kv_offset, all the causal mask needs."""
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         raise ValueError(f"attention wants q [B, S_q, H, D] and k, v [B, S_kv, H_kv, D] with equal B and D, got q "
                          f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
@@ -264,11 +265,19 @@ def _check(q, k, v, causal, q_offset, kv_offset):
 
 
 def _launch_params(q, block_m, block_n):
+    """(block_m, block_n, launch kwargs). Defaults 64 x 64; fp32 at head_dim 128 halves the tiles, whose
+    operands would otherwise take twice the shared memory of the 16-bit case. Not autotuned yet."""
+    small = q.dtype == torch.float32 and q.shape[3] >= 128
+    block_m = block_m if block_m is not None else (32 if small else 64)
+    block_n = block_n if block_n is not None else (32 if small else 64)
     for name, block in (("block_m", block_m), ("block_n", block_n)):
         if block < 16 or block & (block - 1):
             raise ValueError(f"{name}={block} must be a power of two >= 16 (tl.dot needs tiles of at least 16)")
+    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"the Triton attention kernel needs CUDA tensors, got {q.device}: move q, k, v to a GPU, "
+                         f"or set TRITON_INTERPRET=1 before importing megatron_lc.kernels (slow, for tests)")
     num_warps = 4 if q.shape[3] <= 64 else 8
-    return dict(num_warps=num_warps, num_stages=2)
+    return block_m, block_n, {"num_warps": num_warps, "num_stages": 2}
 
 
 def _scales(q, softmax_scale):
@@ -278,30 +287,32 @@ def _scales(q, softmax_scale):
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                       softmax_scale: float | None = None, q_offset: int | None = None, kv_offset: int = 0, *,
-                      block_m: int = 64, block_n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+                      block_m: int | None = None, block_n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q ``[B, S_q, H, D]`` over k, v ``[B, S_kv, H_kv, D]`` (fp16/bf16/fp32, any strides).
 
     Returns out ``[B, S_q, H, D]`` in q.dtype and lse ``[B, H, S_q]`` fp32 (natural log of the scaled logits).
     Causal masking uses global positions ``q_offset + i >= kv_offset + j``; ``q_offset=None`` is bottom-right.
     """
     diff = _check(q, k, v, causal, q_offset, kv_offset)
-    scale, qk_scale = _scales(q, softmax_scale)
+    qk_scale = _scales(q, softmax_scale)[1]
     b, s_q, h, d = q.shape
     s_kv, h_kv = k.shape[1], k.shape[2]
+    block_m, block_n, params = _launch_params(q, block_m, block_n)
     out = torch.empty_like(q)
     lse = torch.empty(b, h, s_q, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(s_q, block_m), b * h)
     _fwd_kernel[grid](q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
                       h, h // h_kv, s_q, s_kv, diff, qk_scale,
                       CAUSAL=bool(causal), IEEE=q.dtype == torch.float32,
-                      BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=d, **_launch_params(q, block_m, block_n))
+                      BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=d, **params)
     return out, lse
 
 
 def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                        lse: torch.Tensor, causal: bool, softmax_scale: float | None = None,
-                       q_offset: int | None = None, kv_offset: int = 0, *, block_m: int = 64,
-                       block_n: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       q_offset: int | None = None, kv_offset: int = 0, *,
+                       block_m: int | None = None,
+                       block_n: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``attention_forward``. dout/out ``[B, S_q, H, D]``, lse ``[B, H, S_q]`` fp32 -> dq, dk, dv in
     the dtypes and shapes of q, k, v (dk/dv at the KV-head count, summed over each GQA group).
 
@@ -314,7 +325,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         raise ValueError(f"attention_backward wants dout and out of q's shape {tuple(q.shape)} and lse "
                          f"{(b, h, s_q)}, got dout {tuple(dout.shape)}, out {tuple(out.shape)}, lse {tuple(lse.shape)}")
     scale, qk_scale = _scales(q, softmax_scale)
-    params = _launch_params(q, block_m, block_n)
+    block_m, block_n, params = _launch_params(q, block_m, block_n)
     ieee = q.dtype == torch.float32
     lse = lse.float().contiguous()  # the kernels index lse/delta as [B * H, S_q]
     dout = dout.to(q.dtype)  # the dots take operands of one dtype
@@ -345,7 +356,7 @@ class FlashAttentionFunction(torch.autograd.Function):
                                      block_m=block_m, block_n=block_n)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.args = (causal, softmax_scale, q_offset, kv_offset)
-        ctx.blocks = dict(block_m=block_m, block_n=block_n)
+        ctx.blocks = {"block_m": block_m, "block_n": block_n}
         return out
 
     @staticmethod
@@ -357,6 +368,6 @@ class FlashAttentionFunction(torch.autograd.Function):
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
                     softmax_scale: float | None = None, *, q_offset: int | None = None, kv_offset: int = 0,
-                    block_m: int = 64, block_n: int = 64) -> torch.Tensor:
+                    block_m: int | None = None, block_n: int | None = None) -> torch.Tensor:
     """Differentiable attention out ``[B, S_q, H, D]`` of q ``[B, S_q, H, D]`` over k, v ``[B, S_kv, H_kv, D]``."""
     return FlashAttentionFunction.apply(q, k, v, causal, softmax_scale, q_offset, kv_offset, block_m, block_n)

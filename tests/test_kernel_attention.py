@@ -5,13 +5,13 @@ import math
 
 import pytest
 import torch
+from megatron_lc.kernels.attention import attention_backward, attention_forward, flash_attention
 
-from megatron_lc.kernels.attention import (attention_backward, attention_forward, flash_attention)
 from megatron_lc.ops.attention_lse import block_backward, block_forward, merge_into
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-BLOCKS = dict(block_m=16, block_n=16)  # S = 37, 53 are not multiples: partial blocks on both sides
-TOL = dict(atol=1e-5, rtol=1e-5)
+BLOCKS = {"block_m": 16, "block_n": 16}  # S = 37, 53 are not multiples: partial blocks on both sides
+TOL = {"atol": 1e-5, "rtol": 1e-5}
 
 
 def _inputs(s_q=37, s_kv=53, h=4, h_kv=2, d=32, b=2, dtype=torch.float32, seed=0):
@@ -22,7 +22,7 @@ def _inputs(s_q=37, s_kv=53, h=4, h_kv=2, d=32, b=2, dtype=torch.float32, seed=0
 
 def _reference(q, k, v, causal, scale=None, q_offset=None, kv_offset=0):
     """float64 attention with global-position causality; rows that see no key give out 0 and lse -inf."""
-    b, s_q, h, d = q.shape
+    _b, s_q, h, d = q.shape
     s_kv, h_kv = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     q_offset = s_kv - s_q if q_offset is None else q_offset
@@ -217,6 +217,22 @@ def test_bad_inputs_raise_clear_errors():
         attention_backward(out, q, k, v, out, lse[:, :2], True, **BLOCKS)
 
 
+@pytest.mark.skipif(DEV == "cuda", reason="CPU tensors without the interpreter")
+def test_cpu_tensors_without_interpreter_raise(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        attention_forward(*_inputs(8, 8, d=16), True)
+
+
+def test_default_blocks_fp32_head_dim_128():
+    """No block sizes given: the defaults (32-wide tiles for fp32 at head_dim 128) cover a partial block too."""
+    q, k, v = _inputs(40, 40, h=2, h_kv=1, d=128, b=1)
+    out, lse = attention_forward(q, k, v, True)
+    ref_out, ref_lse = block_forward(q, k, v, causal=True, backend="math")
+    torch.testing.assert_close(out, ref_out, **TOL)
+    torch.testing.assert_close(lse, ref_lse, **TOL)
+
+
 # ---- GPU: bf16 at length ----------------------------------------------------------------------------------------
 def _sdpa(q, k, v, causal):
     h, h_kv = q.shape[2], k.shape[2]
@@ -226,9 +242,11 @@ def _sdpa(q, k, v, causal):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("causal", [True, False])
-def test_gpu_bf16_long_vs_sdpa(causal):
-    q, k, v = _inputs(4096, 4096, h=8, h_kv=2, d=128, b=1, dtype=torch.bfloat16)
+def test_gpu_16bit_long_vs_sdpa(causal, dtype):
+    """S = 4096, head_dim 128, GQA 4: out and grads within 2x SDPA's own error against float64."""
+    q, k, v = _inputs(4096, 4096, h=8, h_kv=2, d=128, b=1, dtype=dtype)
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
     out = flash_attention(qg, kg, vg, causal=causal)
     dout = torch.randn_like(out)
