@@ -46,6 +46,35 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, skd, svs, svd, offs_m, offs_d, lo, hi, S_kv, DIFF, qk_scale,
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Online softmax over key blocks [lo, hi): MASKED applies the key-bounds (and, if CAUSAL, causal) mask."""
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        n_valid = cols < S_kv
+        kt = tl.load(k_base + cols.to(tl.int64)[None, :] * sks + offs_d[:, None] * skd,
+                     mask=n_valid[None, :], other=0.0)  # [HEAD_DIM, BLOCK_N]
+        s = _dot(q, kt, IEEE) * qk_scale  # log2-scaled logits
+        if MASKED:
+            keep = n_valid[None, :]
+            if CAUSAL:
+                keep = keep & (offs_m[:, None] + DIFF >= cols[None, :])
+            s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with no visible key so far has m_new = -inf; subtract 0 instead so exp2 gives 0, not NaN.
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_sub[:, None])
+        alpha = tl.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + cols.to(tl.int64)[:, None] * svs + offs_d[None, :] * svd,
+                    mask=n_valid[:, None], other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, Out, Lse,
                 sqb, sqs, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, sob, sos, soh, sod,
                 H, GROUP, S_q, S_kv, DIFF, qk_scale,
@@ -58,7 +87,6 @@ def _fwd_kernel(Q, K, V, Out, Lse,
     off_hkv = off_h // GROUP
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     m_valid = offs_m < S_q
 
@@ -71,30 +99,18 @@ def _fwd_kernel(Q, K, V, Out, Lse,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(logit - m_i)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    hi = S_kv
+    # Key blocks [0, mid) are in range and fully visible to every row of this query block: no mask there.
+    # Blocks [mid, hi) need the causal / bounds mask; blocks past hi are fully masked and skipped.
     if CAUSAL:
-        # Key blocks past the last key this query block sees are fully masked: skip them.
-        hi = tl.minimum(S_kv, start_m + BLOCK_M + DIFF)
-    for start_n in range(0, hi, BLOCK_N):
-        cols = start_n + offs_n
-        n_valid = cols < S_kv
-        kt = tl.load(k_base + cols.to(tl.int64)[None, :] * sks + offs_d[:, None] * skd,
-                     mask=n_valid[None, :], other=0.0)  # [HEAD_DIM, BLOCK_N]
-        s = _dot(q, kt, IEEE) * qk_scale
-        keep = n_valid[None, :]
-        if CAUSAL:
-            keep = keep & (offs_m[:, None] + DIFF >= cols[None, :])
-        s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row with no visible key so far has m_new = -inf; subtract 0 instead so exp2 gives 0, not NaN.
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_sub[:, None])
-        alpha = tl.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols.to(tl.int64)[:, None] * svs + offs_d[None, :] * svd,
-                    mask=n_valid[:, None], other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
-        m_i = m_new
+        hi = tl.maximum(tl.minimum(S_kv, start_m + BLOCK_M + DIFF), 0)
+        mid = tl.minimum(tl.maximum(start_m + DIFF + 1, 0), S_kv) // BLOCK_N * BLOCK_N
+    else:
+        hi = S_kv
+        mid = S_kv // BLOCK_N * BLOCK_N
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, skd, svs, svd, offs_m, offs_d, 0, mid,
+                               S_kv, DIFF, qk_scale, False, CAUSAL, IEEE, BLOCK_N)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, skd, svs, svd, offs_m, offs_d, mid, hi,
+                               S_kv, DIFF, qk_scale, True, CAUSAL, IEEE, BLOCK_N)
 
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
