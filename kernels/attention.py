@@ -142,6 +142,31 @@ def _bwd_preprocess_kernel(Out, DO, Delta,
 
 
 @triton.jit
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, Lse, Delta, row_base, sqs, sqd, sds, sdd, offs_n, offs_d, lo, hi,
+                S_q, DIFF, qk_scale, MASKED: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr):
+    """dk, dv of one key block from query blocks [lo, hi) of one query head; MASKED applies the causal mask."""
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_valid = offs_m < S_q
+        rows = offs_m.to(tl.int64)[:, None]
+        q = tl.load(q_base + rows * sqs + offs_d[None, :] * sqd, mask=m_valid[:, None], other=0.0)
+        do = tl.load(do_base + rows * sds + offs_d[None, :] * sdd, mask=m_valid[:, None], other=0.0)
+        # Rows past S_q and rows that saw no key at all (lse -inf) get +inf, so their P is exactly 0.
+        lse = tl.load(Lse + row_base + offs_m, mask=m_valid, other=float("inf"))
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        delta = tl.load(Delta + row_base + offs_m, mask=m_valid, other=0.0)
+        st = _dot(k, tl.trans(q), IEEE) * qk_scale  # [BLOCK_N, BLOCK_M]: log2-scaled logits, transposed
+        pt = tl.exp2(st - lse2[None, :])
+        if MASKED:
+            pt = tl.where(offs_m[None, :] + DIFF >= offs_n[:, None], pt, 0.0)
+        dv += _dot(pt.to(do.dtype), do, IEEE)
+        dpt = _dot(v, tl.trans(do), IEEE)  # [BLOCK_N, BLOCK_M]
+        dst = pt * (dpt - delta[None, :])
+        dk += _dot(dst.to(q.dtype), q, IEEE)
+    return dk, dv
+
+
+@triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV,
                      sqb, sqs, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, sdb, sds, sdh, sdd,
                      sdkb, sdks, sdkh, sdkd, sdvb, sdvs, sdvh, sdvd,
@@ -156,7 +181,6 @@ def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV,
     off_hkv = (off_bhkv % H_kv).to(tl.int64)
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     n_valid = offs_n < S_kv
     cols = offs_n.to(tl.int64)[:, None]
@@ -167,39 +191,52 @@ def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV,
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
 
-    lo = 0
+    # Query blocks before lo see none of this key block: skipped. Blocks [lo, mid) straddle the causal boundary
+    # and are masked; from mid on every query sees every key of the block. No bounds mask is needed: rows past
+    # S_q get lse +inf (P = 0), and key rows past S_kv are never stored.
     if CAUSAL:
-        # Queries before the first one that sees this key block's first key are fully masked: skip them.
         lo = tl.maximum(start_n - DIFF, 0) // BLOCK_M * BLOCK_M
+        mid = tl.minimum((tl.maximum(start_n + BLOCK_N - 1 - DIFF, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M, S_q)
+    else:
+        lo = 0
+        mid = 0
     for g in range(GROUP):
         off_h = off_hkv * GROUP + g
         q_base = Q + off_b * sqb + off_h * sqh
         do_base = DO + off_b * sdb + off_h * sdh
         row_base = (off_b * H + off_h) * S_q
-        for start_m in range(lo, S_q, BLOCK_M):
-            offs_m = start_m + offs_m0
-            m_valid = offs_m < S_q
-            rows = offs_m.to(tl.int64)[:, None]
-            q = tl.load(q_base + rows * sqs + offs_d[None, :] * sqd, mask=m_valid[:, None], other=0.0)
-            do = tl.load(do_base + rows * sds + offs_d[None, :] * sdd, mask=m_valid[:, None], other=0.0)
-            # Rows past S_q and rows that saw no key at all (lse -inf) get +inf, so their P is exactly 0.
-            lse = tl.load(Lse + row_base + offs_m, mask=m_valid, other=float("inf"))
-            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-            delta = tl.load(Delta + row_base + offs_m, mask=m_valid, other=0.0)
-            st = _dot(k, tl.trans(q), IEEE) * qk_scale  # [BLOCK_N, BLOCK_M]: log2-scaled logits, transposed
-            keep = m_valid[None, :]
-            if CAUSAL:
-                keep = keep & (offs_m[None, :] + DIFF >= offs_n[:, None])
-            pt = tl.where(keep, tl.exp2(st - lse2[None, :]), 0.0)
-            dv += _dot(pt.to(do.dtype), do, IEEE)
-            dpt = _dot(v, tl.trans(do), IEEE)  # [BLOCK_N, BLOCK_M]
-            dst = pt * (dpt - delta[None, :])
-            dk += _dot(dst.to(q.dtype), q, IEEE)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Lse, Delta, row_base, sqs, sqd, sds, sdd, offs_n,
+                             offs_d, lo, mid, S_q, DIFF, qk_scale, True, IEEE, BLOCK_M)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, Lse, Delta, row_base, sqs, sqd, sds, sdd, offs_n,
+                             offs_d, mid, S_q, S_q, DIFF, qk_scale, False, IEEE, BLOCK_M)
     dk = dk * sm_scale
     tl.store(DK + off_b * sdkb + off_hkv * sdkh + cols * sdks + offs_d[None, :] * sdkd,
              dk.to(DK.dtype.element_ty), mask=n_valid[:, None])
     tl.store(DV + off_b * sdvb + off_hkv * sdvh + cols * sdvs + offs_d[None, :] * sdvd,
              dv.to(DV.dtype.element_ty), mask=n_valid[:, None])
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, skd, svs, svd, offs_m, offs_d, lo, hi, S_kv, DIFF, qk_scale,
+              MASKED: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dq of one query block from key blocks [lo, hi); MASKED applies the key-bounds (and causal) mask."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < S_kv
+        cols = offs_n.to(tl.int64)[None, :]
+        kt = tl.load(k_base + cols * sks + offs_d[:, None] * skd, mask=n_valid[None, :], other=0.0)
+        vt = tl.load(v_base + cols * svs + offs_d[:, None] * svd, mask=n_valid[None, :], other=0.0)
+        s = _dot(q, kt, IEEE) * qk_scale
+        p = tl.exp2(s - lse2[:, None])
+        if MASKED:
+            keep = n_valid[None, :]
+            if CAUSAL:
+                keep = keep & (offs_m[:, None] + DIFF >= offs_n[None, :])
+            p = tl.where(keep, p, 0.0)
+        dp = _dot(do, vt, IEEE)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(kt.dtype), tl.trans(kt), IEEE)
+    return dq
 
 
 @triton.jit
@@ -217,7 +254,6 @@ def _bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ,
     off_hkv = off_h // GROUP
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     m_valid = offs_m < S_q
     rows = offs_m.to(tl.int64)[:, None]
@@ -232,23 +268,17 @@ def _bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ,
     v_base = V + off_b * svb + off_hkv * svh
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    hi = S_kv
+    # As in the forward: [0, mid) unmasked, [mid, hi) masked, the rest skipped.
     if CAUSAL:
-        hi = tl.minimum(S_kv, start_m + BLOCK_M + DIFF)
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + offs_n0
-        n_valid = offs_n < S_kv
-        cols = offs_n.to(tl.int64)[None, :]
-        kt = tl.load(k_base + cols * sks + offs_d[:, None] * skd, mask=n_valid[None, :], other=0.0)
-        vt = tl.load(v_base + cols * svs + offs_d[:, None] * svd, mask=n_valid[None, :], other=0.0)
-        s = _dot(q, kt, IEEE) * qk_scale
-        keep = n_valid[None, :]
-        if CAUSAL:
-            keep = keep & (offs_m[:, None] + DIFF >= offs_n[None, :])
-        p = tl.where(keep, tl.exp2(s - lse2[:, None]), 0.0)
-        dp = _dot(do, vt, IEEE)
-        ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(kt.dtype), tl.trans(kt), IEEE)
+        hi = tl.maximum(tl.minimum(S_kv, start_m + BLOCK_M + DIFF), 0)
+        mid = tl.minimum(tl.maximum(start_m + DIFF + 1, 0), S_kv) // BLOCK_N * BLOCK_N
+    else:
+        hi = S_kv
+        mid = S_kv // BLOCK_N * BLOCK_N
+    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, skd, svs, svd, offs_m, offs_d, 0, mid, S_kv, DIFF,
+                   qk_scale, False, CAUSAL, IEEE, BLOCK_N)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, skd, svs, svd, offs_m, offs_d, mid, hi, S_kv, DIFF,
+                   qk_scale, True, CAUSAL, IEEE, BLOCK_N)
     dq = dq * sm_scale
     tl.store(DQ + off_b * sdqb + off_h * sdqh + rows * sdqs + offs_d[None, :] * sdqd,
              dq.to(DQ.dtype.element_ty), mask=m_valid[:, None])
