@@ -20,6 +20,14 @@ a zero-weight block), and the backward gives it zero gradient.
 The backward takes ``out`` and ``lse`` that may be the merged results of several key blocks (a ring): it computes
 delta = rowsum(dout * out) from the given out and P = exp(S * scale - lse) from the given lse, never recomputing
 lse, so it returns this block's exact share of the gradient.
+
+Structure (FlashAttention-2): the forward runs one program per (query block, batch * head) over key blocks with an
+online softmax in fp32 (exp2 of log2-scaled logits); key blocks that are in range and fully visible run without a
+mask, the few on the causal diagonal or the S_kv edge with it, and fully masked ones are skipped. The backward runs
+a delta = rowsum(dout * out) kernel, then one kernel per (key block, batch * KV head) for dk/dv (looping over the
+query heads of its GQA group and over query blocks, so no atomics) and one per (query block, batch * head) for dq.
+Batch/head/sequence offsets are int64. fp32 inputs use IEEE dots (no TF32). Tiles default to 64 x 64 (32 x 32 for
+fp32 at head_dim 128), not autotuned.
 """
 from __future__ import annotations
 

@@ -149,6 +149,22 @@ def test_backward_matches_math_backend(causal, s_q, s_kv, h_kv):
         torch.testing.assert_close(a, b, **TOL, msg=lambda m, name=name: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("q_offset,kv_offset", [(0, 0), (100, 70), (60, 0)])
+def test_backward_offsets_vs_float64_autograd(q_offset, kv_offset):
+    """Top-left (keys past S_q get no gradient), shifted, and every key visible to every query."""
+    q, k, v = _inputs(37, 53, h_kv=2)
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    ref_out, _ = _reference(q64, k64, v64, True, None, q_offset, kv_offset)
+    dout = torch.randn_like(q)
+    ref_out.backward(dout.double())
+    out, lse = attention_forward(q, k, v, True, None, q_offset, kv_offset, **BLOCKS)
+    got = attention_backward(dout, q, k, v, out, lse, True, None, q_offset, kv_offset, **BLOCKS)
+    for a, b in zip(got, (q64.grad, k64.grad, v64.grad)):
+        torch.testing.assert_close(a, b.float(), **TOL)
+    if (q_offset, kv_offset) == (0, 0):
+        assert torch.all(got[1][:, 37:] == 0) and torch.all(got[2][:, 37:] == 0)
+
+
 def test_backward_head_dim_64_offsets_vs_float64_autograd():
     q, k, v = _inputs(29, 45, h_kv=1, d=64)
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
