@@ -69,6 +69,15 @@ def test_math_backend_in_query_chunks_matches_float64(monkeypatch, causal):
         torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_triton_backend_two_block_ring_step_matches_float64(causal):
+    """Our Triton kernel (interpreter) behind block_forward/backward, used as a ring uses it: fp32 at 1e-5."""
+    q, k, v, dout = _inputs(2, 13, 40, 4, 2, 16, torch.float32, "cpu")
+    got = _two_block_attention(q, k, v, dout, causal, "triton", split=20)
+    for a, b in zip(got, _float64_truth(q, k, v, dout, causal)):
+        torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5)
+
+
 def test_backend_names_and_auto_choice_on_cpu():
     q, k = torch.zeros(1, 4, 2, 8), torch.zeros(1, 6, 1, 8)
     assert chosen_backend(q, q[:, :, :1], causal=True) == "cpu_flash"
@@ -83,7 +92,7 @@ def test_backend_names_and_auto_choice_on_cpu():
 
 # ---- GPU ------------------------------------------------------------------------------------------------------
 def _cuda_backends():
-    names = ["cuda_flash", "math"]
+    names = ["cuda_flash", "triton", "math"]
     if importlib.util.find_spec("flash_attn") is not None:
         names.insert(0, "flash_attn")
     return names
@@ -114,7 +123,7 @@ def test_auto_picks_a_flash_kernel_for_bf16_on_cuda():
     q = torch.zeros(1, 8, 2, 64, device="cuda", dtype=torch.bfloat16)
     expected = "flash_attn" if importlib.util.find_spec("flash_attn") is not None else "cuda_flash"
     assert chosen_backend(q, q, causal=True) == expected
-    assert chosen_backend(q.float(), q.float(), causal=True) == "math"
+    assert chosen_backend(q.float(), q.float(), causal=True) == "triton"  # aten/flash-attn kernels take no fp32
 
 
 def _ring_vs_ring_flash_attn(rank, world, shape):

@@ -12,13 +12,16 @@ Backends (``backend=`` or ``auto``; ``chosen_backend`` says which one ``auto`` t
   native GQA, bottom-right causal).
 - ``cuda_flash``: ``aten._scaled_dot_product_flash_attention`` (+ ``_backward``): PyTorch's bundled FlashAttention-2
   (CUDA, fp16/bf16, head_dim <= 256 and a multiple of 8; causal only where S_q == S_kv).
+- ``triton``: our FlashAttention-2 kernel (``megatron_lc.kernels.attention``; CUDA, or the Triton interpreter for
+  tests): fp16/bf16/fp32, GQA, bottom-right causal for any S_q <= S_kv. ``auto`` takes it for fp32 on CUDA, where
+  the aten and flash-attn kernels do not apply.
 - ``math``: plain fp32 torch on any device, bottom-right causal, in query chunks of bounded size (the logits of a
   chunk are at most ``MATH_CHUNK_ELEMENTS``); the reference, and the fallback.
-Our Triton kernel joins behind the same two functions.
 """
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
 from dataclasses import dataclass, field
 
@@ -97,6 +100,8 @@ def chosen_backend(q: torch.Tensor, k: torch.Tensor, causal: bool) -> str:
             return "flash_attn"
         if square and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0:
             return "cuda_flash"
+    if q.device.type == "cuda" and q.shape[-1] in (16, 32, 64, 128) and importlib.util.find_spec("triton"):
+        return "triton"
     return "math"
 
 
@@ -206,6 +211,18 @@ def _cuda_flash_backward(dout, q, k, v, out, lse, causal, scale):
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
 
+def _triton_forward(q, k, v, causal, scale):
+    from ..kernels.attention import attention_forward
+
+    return attention_forward(q, k, v, causal, softmax_scale=scale)
+
+
+def _triton_backward(dout, q, k, v, out, lse, causal, scale):
+    from ..kernels.attention import attention_backward
+
+    return attention_backward(dout, q, k, v, out, lse, causal, softmax_scale=scale)
+
+
 def _cpu_flash_forward(q, k, v, causal, scale):
     out, lse = _aten._scaled_dot_product_flash_attention_for_cpu(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, causal, scale=scale)
@@ -225,6 +242,7 @@ BACKENDS = {  # name -> (forward(q, k, v, causal, scale), backward(dout, q, k, v
     "cpu_flash": (_cpu_flash_forward, _cpu_flash_backward),
     "flash_attn": (_flash_attn_forward, _flash_attn_backward),
     "cuda_flash": (_cuda_flash_forward, _cuda_flash_backward),
+    "triton": (_triton_forward, _triton_backward),
     "math": (_math_forward, _math_backward),
 }
 
