@@ -1,8 +1,13 @@
 """Triton RMSNorm and SwiGLU (megatron_lc.kernels) against their torch references and float64.
 
 fp32: forward and gradients equal the reference's autograd to 1e-5. fp16/bf16: the kernel's max abs error against a
-float64 computation must be at most twice the torch reference's own error on the same inputs (floor: one ulp of
-the dtype at the output's scale). On CPU the kernels run in the Triton interpreter, so shapes are small."""
+float64 computation must be at most twice the torch reference's own error on the same inputs (or one ulp of the
+dtype at the output's scale where the reference is exact). On CPU the kernels run in the Triton interpreter, so shapes are small.
+
+The interpreter (triton 3.9) converts fp32 -> bf16 by truncation (up to 1 ulp) where GPUs and torch round to
+nearest (up to 1/2 ulp): that doubles each rounding error, so in the interpreter the bf16 bound is 4x, not 2x."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -39,13 +44,17 @@ def _swiglu64(g, u):
 
 
 def _assert_within_2x_reference(ours, ref, exact, dtype, names):
-    """Each of ours deviates from exact (float64) at most twice as much as ref does, floor one ulp of dtype."""
+    """Each of ours deviates from exact (float64) at most twice as much as ref does, or one ulp of dtype where ref is
+    exact (4x for bf16 in the interpreter, whose truncating bf16 conversion doubles the rounding error)."""
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    factor = 4 if dtype == torch.bfloat16 and interpreted else 2
     for name, o, r, e in zip(names, ours, ref, exact):
         assert o.dtype == r.dtype, f"{name}: dtype {o.dtype}, reference {r.dtype}"
         ref_err = (r.double() - e).abs().max().item()
         ulp = torch.finfo(dtype).eps * e.abs().max().item()
         err = (o.double() - e).abs().max().item()
-        assert err <= 2 * max(ref_err, ulp), f"{name}: error {err:.3e} vs reference error {ref_err:.3e}, ulp {ulp:.3e}"
+        bound = factor * (ref_err if ref_err > 0 else ulp)
+        assert err <= bound, f"{name}: error {err:.3e} > {factor} x reference error {ref_err:.3e} (ulp {ulp:.3e})"
 
 
 # ---- RMSNorm ------------------------------------------------------------------------------------------------------
