@@ -14,7 +14,7 @@ gradients in the backward) are read through their strides: no contiguous copies,
 
 Numerics follow the reference op by op: cos/sin are cast to x.dtype, each product and the sum are rounded to
 x.dtype (products of two 16-bit values are exact in fp32, so fp32 arithmetic with a rounding after each op gives
-the same bits as torch's 16-bit ops). Angles are never computed in the kernel: only table values are read, which
+the same bits as torch's 16-bit ops; fp fusion is off so fp32 gets no fma either). Angles are never computed in the kernel: only table values are read, which
 were built from float64 angles (an fp32 ``position * inv_freq`` is off by ~1e-2 rad at position 1M).
 
 Backward: the inverse rotation, dx1 = g1*cos + g2*sin, dx2 = g2*cos - g1*sin, i.e. the same kernel with sin
@@ -38,45 +38,47 @@ MAX_HEAD_DIM = 256
 
 # ---- kernel -------------------------------------------------------------------------------------------------------
 @triton.jit
-def _round(x, dt: tl.constexpr, EMULATE_RTNE: tl.constexpr):
-    """fp32 x rounded to dt, returned as fp32. EMULATE_RTNE (interpreter + bf16 only): the Triton interpreter
-    truncates fp32 -> bf16, so round to nearest even on the bits first (finite values), then the cast is exact."""
+def _round(x, OUT, EMULATE_RTNE: tl.constexpr):
+    """fp32 x rounded to OUT's element dtype, returned as fp32. EMULATE_RTNE (interpreter + bf16 only): the Triton
+    interpreter truncates fp32 -> bf16, so round to nearest even on the bits first (finite values); the cast is
+    then exact. Compiled kernels round to nearest even natively."""
     if EMULATE_RTNE:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         x = bits.to(tl.float32, bitcast=True)
-    return x.to(dt).to(tl.float32)
+    return x.to(OUT.dtype.element_ty).to(tl.float32)
 
 
 @triton.jit
-def _rotate_heads(X, Y, x_row, y_row, sxh, sxd, syh, syd, n_heads, c, s, offs_h, offs_d, d_mask, HALF,
-                  BLOCK_H: tl.constexpr, EMULATE_RTNE: tl.constexpr):
+def _rotate_heads(X, Y, x_row, y_row, sxh, sxd, syh, syd, n_heads, c, s, offs_h, offs_d, d_mask,
+                  HALF: tl.constexpr, BLOCK_H: tl.constexpr, EMULATE_RTNE: tl.constexpr):
     """Rotate heads [0, n_heads) of one token row: y1 = x1*c - x2*s, y2 = x2*c + x1*s, rounded op by op."""
     dt = Y.dtype.element_ty
     for h0 in range(0, n_heads, BLOCK_H):
         heads = h0 + offs_h
         mask = (heads < n_heads)[:, None] & d_mask[None, :]
-        x1_ptr = X + x_row + heads[:, None].to(tl.int64) * sxh + offs_d[None, :].to(tl.int64) * sxd
-        x1 = tl.load(x1_ptr, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(x1_ptr + HALF * sxd, mask=mask, other=0.0).to(tl.float32)
+        x_head = X + x_row + heads[:, None].to(tl.int64) * sxh
+        x1 = tl.load(x_head + offs_d[None, :].to(tl.int64) * sxd, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(x_head + (offs_d[None, :] + HALF).to(tl.int64) * sxd, mask=mask, other=0.0).to(tl.float32)
         # round each product to x.dtype like torch's x1 * cos (exact in fp32 for 16-bit inputs), then the sum
-        a = _round(x1 * c, dt, EMULATE_RTNE)
-        b = _round(x2 * s, dt, EMULATE_RTNE)
-        e = _round(x2 * c, dt, EMULATE_RTNE)
-        f = _round(x1 * s, dt, EMULATE_RTNE)
-        y1_ptr = Y + y_row + heads[:, None].to(tl.int64) * syh + offs_d[None, :].to(tl.int64) * syd
-        tl.store(y1_ptr, _round(a - b, dt, EMULATE_RTNE).to(dt), mask=mask)
-        tl.store(y1_ptr + HALF * syd, _round(e + f, dt, EMULATE_RTNE).to(dt), mask=mask)
+        a = _round(x1 * c, Y, EMULATE_RTNE)
+        b = _round(x2 * s, Y, EMULATE_RTNE)
+        e = _round(x2 * c, Y, EMULATE_RTNE)
+        f = _round(x1 * s, Y, EMULATE_RTNE)
+        y_head = Y + y_row + heads[:, None].to(tl.int64) * syh
+        tl.store(y_head + offs_d[None, :].to(tl.int64) * syd, _round(a - b, Y, EMULATE_RTNE).to(dt), mask=mask)
+        tl.store(y_head + (offs_d[None, :] + HALF).to(tl.int64) * syd, _round(e + f, Y, EMULATE_RTNE).to(dt),
+                 mask=mask)
 
 
 @triton.jit
 def _rope_qk_kernel(Q, K, QO, KO, COS, SIN, POS,
-                    S, H, H_KV, HALF,
+                    S, H, H_KV,
                     sqb, sqs, sqh, sqd, skb, sks, skh, skd,
                     sqob, sqos, sqoh, sqod, skob, skos, skoh, skod,
                     scb, scs, scd, ssb, sss, ssd, spb, sps,
-                    FROM_TABLE: tl.constexpr, NEG_SIN: tl.constexpr, EMULATE_RTNE: tl.constexpr,
-                    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+                    HALF: tl.constexpr, FROM_TABLE: tl.constexpr, NEG_SIN: tl.constexpr,
+                    EMULATE_RTNE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
     """One token row (b, s) per program. FROM_TABLE: COS/SIN are tables [P, D/2] (row stride scb/ssb, scs/sss
     unused) gathered at POS[b, s]; otherwise COS/SIN are [B, S, D/2]. NEG_SIN: rotate by -angle (backward)."""
     row = tl.program_id(0).to(tl.int64)
@@ -85,7 +87,6 @@ def _rope_qk_kernel(Q, K, QO, KO, COS, SIN, POS,
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HALF
     offs_h = tl.arange(0, BLOCK_H)
-    dt = QO.dtype.element_ty
 
     if FROM_TABLE:
         pos = tl.load(POS + b * spb + s_idx * sps).to(tl.int64)
@@ -95,9 +96,9 @@ def _rope_qk_kernel(Q, K, QO, KO, COS, SIN, POS,
         cos_off = b * scb + s_idx * scs
         sin_off = b * ssb + s_idx * sss
     # cast to x.dtype first, as the reference does, then compute in fp32
-    c = _round(tl.load(COS + cos_off + offs_d.to(tl.int64) * scd, mask=d_mask, other=0.0).to(tl.float32), dt,
+    c = _round(tl.load(COS + cos_off + offs_d.to(tl.int64) * scd, mask=d_mask, other=0.0).to(tl.float32), QO,
                EMULATE_RTNE)
-    s = _round(tl.load(SIN + sin_off + offs_d.to(tl.int64) * ssd, mask=d_mask, other=0.0).to(tl.float32), dt,
+    s = _round(tl.load(SIN + sin_off + offs_d.to(tl.int64) * ssd, mask=d_mask, other=0.0).to(tl.float32), QO,
                EMULATE_RTNE)
     if NEG_SIN:
         s = -s
@@ -157,12 +158,13 @@ def _launch(q, k, cos, sin, pos, neg_sin: bool):
         pos_arg, pos_strides = pos, (pos.stride(0), pos.stride(1))
     _rope_qk_kernel[(bsz * seq,)](
         q, k, qo, ko, cos, sin, pos_arg,
-        seq, h, h_kv, half,
+        seq, h, h_kv,
         *q.stride(), *k.stride(), *qo.stride(), *ko.stride(),
         *table_strides, *pos_strides,
-        FROM_TABLE=pos is not None, NEG_SIN=neg_sin, BLOCK_H=block_h, BLOCK_D=block_d,
+        HALF=half, FROM_TABLE=pos is not None, NEG_SIN=neg_sin, BLOCK_H=block_h, BLOCK_D=block_d,
         EMULATE_RTNE=q.dtype == torch.bfloat16 and q.device.type != "cuda",  # CPU means the interpreter
         num_warps=4 if block_h * block_d <= 1024 else 8,
+        enable_fp_fusion=False,  # fp32: x1*c - x2*s as two roundings like torch, not one fma
     )
     return qo, ko
 

@@ -125,6 +125,18 @@ def test_gqa_head_counts_and_non_contiguous_inputs():
         assert torch.equal(t, o) and torch.equal(bc, o)
 
 
+@pytest.mark.parametrize("d", [2, 80, 256])
+def test_other_head_dims(d):
+    """D/2 not a power of two (80: masked lanes), the smallest (2) and largest (256) head_dim, fwd and bwd."""
+    q, k, pos, cos, sin, cos_t, sin_t = _inputs(b=1, s=5, h=3, h_kv=1, d=d)
+    g = torch.Generator().manual_seed(5)
+    gq, gk = torch.randn(q.shape, generator=g).to(DEV), torch.randn(k.shape, generator=g).to(DEV)
+    ref = _fwd_bwd(lambda a, b: rope_reference(a, b, cos, sin), q, k, gq, gk)
+    table = _fwd_bwd(lambda a, b: rope_qk_from_table(a, b, cos_t, sin_t, pos), q, k, gq, gk)
+    for r, t in zip(ref, table):
+        torch.testing.assert_close(t, r, **FP32_TOL)
+
+
 def test_position_one_million_reads_float64_built_table():
     """At ~1M the fp32 angle position * inv_freq is off by up to ~1e-2 rad: the kernel must read the table built
     from float64 angles (matching the float64 rotation to fp32 rounding), not recompute angles."""
@@ -189,3 +201,21 @@ def test_gpu_realistic_shape(dtype):
     for r, o, t in zip(ref, ours, table):
         torch.testing.assert_close(o, r, **tol)
         assert torch.equal(t, o)
+
+
+@pytest.mark.gpu
+def test_gpu_offsets_past_int32():
+    """q with more than 2^31 elements (1 x 1.1M tokens x 16 heads x 128, bf16, 4.5 GB): int64 offsets; the last
+    tokens (offsets past 2^31) are checked against the reference."""
+    s, h, d = 1_100_000, 16, 128
+    assert s * h * d > 2**31
+    q = torch.randn(1, s, h, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, s, 1, d, device="cuda", dtype=torch.bfloat16)
+    pos = torch.arange(s, device="cuda").flip(0)[None]
+    cos_t, sin_t = _rope(d).table(s, "cuda")
+    with torch.no_grad():
+        q_rot, k_rot = rope_qk_from_table(q, k, cos_t, sin_t, pos)
+    tail = slice(s - 1000, s)
+    cos, sin = cos_t[pos[:, tail]], sin_t[pos[:, tail]]
+    q_ref, k_ref = rope_reference(q[:, tail], k[:, tail], cos, sin)
+    assert torch.equal(q_rot[:, tail], q_ref) and torch.equal(k_rot[:, tail], k_ref)
