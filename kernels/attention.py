@@ -26,8 +26,8 @@ online softmax in fp32 (exp2 of log2-scaled logits); key blocks that are in rang
 mask, the few on the causal diagonal or the S_kv edge with it, and fully masked ones are skipped. The backward runs
 a delta = rowsum(dout * out) kernel, then one kernel per (key block, batch * KV head) for dk/dv (looping over the
 query heads of its GQA group and over query blocks, so no atomics) and one per (query block, batch * head) for dq.
-Batch/head/sequence offsets are int64. fp32 inputs use IEEE dots (no TF32). Tiles default to 64 x 64 (32 x 32 for
-fp32 at head_dim 128), not autotuned.
+Batch/head/sequence offsets are int64. fp32 inputs use IEEE dots (no TF32). Default tiles per kernel are the
+spill-free ones for sm_90 (see ``_TILES_16BIT``), not yet timed or autotuned; ``block_m``/``block_n`` override them.
 """
 from __future__ import annotations
 
@@ -318,20 +318,33 @@ def _check(q, k, v, causal, q_offset, kv_offset):
     return int(q_offset) - int(kv_offset)
 
 
-def _launch_params(q, block_m, block_n):
-    """(block_m, block_n, launch kwargs). Defaults 64 x 64; fp32 at head_dim 128 halves the tiles, whose
-    operands would otherwise take twice the shared memory of the 16-bit case. Not autotuned yet."""
-    small = q.dtype == torch.float32 and q.shape[3] >= 128
-    block_m = block_m if block_m is not None else (32 if small else 64)
-    block_n = block_n if block_n is not None else (32 if small else 64)
+# Default (BLOCK_M, BLOCK_N, num_warps) per kernel for 16-bit inputs, by head_dim. Chosen without a GPU as the
+# configurations that compile for sm_90 (triton 3.9) without register spills; not yet timed or autotuned.
+_TILES_16BIT = {
+    64: {"fwd": (128, 64, 8), "dkdv": (32, 64, 8), "dq": (64, 32, 8)},
+    128: {"fwd": (128, 32, 8), "dkdv": (32, 32, 8), "dq": (64, 32, 8)},
+}
+_TILES_FP32 = {"fwd": (32, 32, 8), "dkdv": (32, 32, 8), "dq": (32, 32, 8)}  # fp32 is the exactness path
+
+
+def _launch_params(q, block_m, block_n, kernel):
+    """(BLOCK_M, BLOCK_N, launch kwargs) of one kernel ("fwd", "dkdv", "dq"): the given block sizes if any,
+    else the per-kernel defaults above."""
+    if q.dtype == torch.float32:
+        dm, dn, warps = _TILES_FP32[kernel]
+    else:
+        dm, dn, warps = _TILES_16BIT[128 if q.shape[3] > 64 else 64][kernel]
+    if block_m is not None or block_n is not None:
+        warps = 4 if q.shape[3] <= 64 else 8
+    block_m = dm if block_m is None else block_m
+    block_n = dn if block_n is None else block_n
     for name, block in (("block_m", block_m), ("block_n", block_n)):
         if block < 16 or block & (block - 1):
             raise ValueError(f"{name}={block} must be a power of two >= 16 (tl.dot needs tiles of at least 16)")
     if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"the Triton attention kernel needs CUDA tensors, got {q.device}: move q, k, v to a GPU, "
                          f"or set TRITON_INTERPRET=1 before importing megatron_lc.kernels (slow, for tests)")
-    num_warps = 4 if q.shape[3] <= 64 else 8
-    return block_m, block_n, {"num_warps": num_warps, "num_stages": 2}
+    return block_m, block_n, {"num_warps": warps, "num_stages": 2}
 
 
 def _scales(q, softmax_scale):
@@ -351,7 +364,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
     qk_scale = _scales(q, softmax_scale)[1]
     b, s_q, h, d = q.shape
     s_kv, h_kv = k.shape[1], k.shape[2]
-    block_m, block_n, params = _launch_params(q, block_m, block_n)
+    block_m, block_n, params = _launch_params(q, block_m, block_n, "fwd")
     out = torch.empty_like(q)
     lse = torch.empty(b, h, s_q, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(s_q, block_m), b * h)
@@ -379,25 +392,26 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         raise ValueError(f"attention_backward wants dout and out of q's shape {tuple(q.shape)} and lse "
                          f"{(b, h, s_q)}, got dout {tuple(dout.shape)}, out {tuple(out.shape)}, lse {tuple(lse.shape)}")
     scale, qk_scale = _scales(q, softmax_scale)
-    block_m, block_n, params = _launch_params(q, block_m, block_n)
+    dkdv_m, dkdv_n, dkdv_params = _launch_params(q, block_m, block_n, "dkdv")
+    dq_m, dq_n, dq_params = _launch_params(q, block_m, block_n, "dq")
     ieee = q.dtype == torch.float32
     lse = lse.float().contiguous()  # the kernels index lse/delta as [B * H, S_q]
     dout = dout.to(q.dtype)  # the dots take operands of one dtype
 
     delta = torch.empty(b, h, s_q, dtype=torch.float32, device=q.device)
-    _bwd_preprocess_kernel[(triton.cdiv(s_q, block_m), b * h)](
-        out, dout, delta, *out.stride(), *dout.stride(), h, s_q, BLOCK_M=block_m, HEAD_DIM=d)
+    _bwd_preprocess_kernel[(triton.cdiv(s_q, 64), b * h)](
+        out, dout, delta, *out.stride(), *dout.stride(), h, s_q, BLOCK_M=64, HEAD_DIM=d)
 
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
-    _bwd_dkdv_kernel[(triton.cdiv(s_kv, block_n), b * h_kv)](
+    _bwd_dkdv_kernel[(triton.cdiv(s_kv, dkdv_n), b * h_kv)](
         q, k, v, dout, lse, delta, dk, dv, *strides, *dk.stride(), *dv.stride(),
         h, h_kv, h // h_kv, s_q, s_kv, diff, qk_scale, scale,
-        CAUSAL=bool(causal), IEEE=ieee, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=d, **params)
-    _bwd_dq_kernel[(triton.cdiv(s_q, block_m), b * h)](
+        CAUSAL=bool(causal), IEEE=ieee, BLOCK_M=dkdv_m, BLOCK_N=dkdv_n, HEAD_DIM=d, **dkdv_params)
+    _bwd_dq_kernel[(triton.cdiv(s_q, dq_m), b * h)](
         q, k, v, dout, lse, delta, dq, *strides, *dq.stride(),
         h, h // h_kv, s_q, s_kv, diff, qk_scale, scale,
-        CAUSAL=bool(causal), IEEE=ieee, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=d, **params)
+        CAUSAL=bool(causal), IEEE=ieee, BLOCK_M=dq_m, BLOCK_N=dq_n, HEAD_DIM=d, **dq_params)
     return dq, dk, dv
 
 

@@ -262,12 +262,32 @@ def test_cpu_tensors_without_interpreter_raise(monkeypatch):
 
 
 def test_default_blocks_fp32_head_dim_128():
-    """No block sizes given: the defaults (32-wide tiles for fp32 at head_dim 128) cover a partial block too."""
+    """No block sizes given: the default fp32 tiles cover partial blocks, forward and backward."""
     q, k, v = _inputs(40, 40, h=2, h_kv=1, d=128, b=1)
     out, lse = attention_forward(q, k, v, True)
     ref_out, ref_lse = block_forward(q, k, v, causal=True, backend="math")
     torch.testing.assert_close(out, ref_out, **TOL)
     torch.testing.assert_close(lse, ref_lse, **TOL)
+    dout = torch.randn_like(out)
+    got = attention_backward(dout, q, k, v, out, lse, True)
+    for a, b in zip(got, block_backward(dout, q, k, v, out, lse, causal=True, backend="math")):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_default_blocks_fp16(d):
+    """The 16-bit default tiles of each kernel (up to 128 wide) over partial blocks; fp16 because the
+    interpreter's fp16 dot is right (its bf16 one is not). Tolerance: fp16 rounding of out and the grads."""
+    q, k, v = _inputs(150, 170, h=2, h_kv=1, d=d, b=1, dtype=torch.float16)
+    out, lse = attention_forward(q, k, v, True)
+    ref_out, ref_lse = block_forward(q, k, v, causal=True, backend="math")
+    torch.testing.assert_close(out, ref_out, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
+    dout = torch.randn_like(out)
+    got = attention_backward(dout, q, k, v, ref_out, ref_lse, True)
+    for a, b in zip(got, block_backward(dout, q, k, v, ref_out, ref_lse, causal=True, backend="math")):
+        assert a.dtype == torch.float16
+        torch.testing.assert_close(a, b, atol=4e-3, rtol=4e-3)
 
 
 # ---- GPU: bf16 at length ----------------------------------------------------------------------------------------
