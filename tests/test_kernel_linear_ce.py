@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-
 from megatron_lc.kernels.linear_cross_entropy import (
     IGNORE_INDEX,
     auto_chunk_tokens,
     linear_cross_entropy,
     linear_cross_entropy_reference,
 )
+from torch.utils._python_dispatch import TorchDispatchMode
 
 N = 3 * 37
 
@@ -82,8 +81,10 @@ def test_no_grad_and_noncontiguous():
     with torch.no_grad():
         loss, c = linear_cross_entropy(hidden, weight, labels, chunk_tokens=50)
     torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
+    assert int(c) == int(count) and not loss.requires_grad
     # non-contiguous inputs are copied to contiguous
-    h_t = hidden.t().contiguous().t()
+    h_t = hidden.t().contiguous().t()  # same values, column-major
+    assert not h_t.is_contiguous() and not torch.cat([weight, weight], dim=1)[:, ::2].is_contiguous()
     w_nc = torch.cat([weight, weight], dim=1)[:, ::2]
     w_nc_val = w_nc.contiguous()
     loss2, _ = linear_cross_entropy(h_t, w_nc, labels, chunk_tokens=50)
