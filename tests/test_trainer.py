@@ -134,6 +134,15 @@ def test_parallel_layout_equals_one_process(corpus, world, overrides):
             torch.testing.assert_close(r["grads"][name], grad, atol=1e-5, rtol=1e-5, msg=name)
 
 
+def test_triton_kernels_train_like_torch(corpus):
+    """train.kernels=triton (every op; the interpreter without a GPU, fp32): 5 steps of the tiny preset give the
+    torch kernels' losses and grad norms within 1e-4."""
+    ref = _reference(corpus)
+    res = _run(1, corpus, ["train.steps=5", "data.micro_batch_size=4", "train.kernels=triton"])[0]
+    np.testing.assert_allclose(res["loss"], ref["loss"], atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(res["norm"], ref["norm"], atol=1e-4, rtol=1e-4)
+
+
 def test_torchrun_cli_equals_one_process(corpus, tmp_path):
     """`torchrun --nproc-per-node 2 -m megatron_lc.cli train ... parallel.cp=2`: the JSONL loss curve equals the
     one-process run's."""
