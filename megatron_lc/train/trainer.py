@@ -91,7 +91,6 @@ class Trainer:
         if self.rank == 0:
             print(f"[megatron-lc] kernels: {', '.join(f'{op}={name}' for op, name in self.kernels.items())}",
                   flush=True)
-        self.sharded = any(isinstance(q, DTensor) for q in self.model.parameters())
         # FSDP/HSDP average gradients over their ranks; the loss scale below multiplies that back to a sum.
         self.grad_divisor = self.dims.dp_replicate * self.dims.fsdp if hasattr(self.model, "reshard") else 1
         full_weights = None
