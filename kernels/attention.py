@@ -32,11 +32,12 @@ spill-free ones for sm_90 (see ``_TILES_16BIT``), not yet timed or autotuned; ``
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from ._device import require_triton_device
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): exp2 is the native instruction
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
@@ -341,9 +342,7 @@ def _launch_params(q, block_m, block_n, kernel):
     for name, block in (("block_m", block_m), ("block_n", block_n)):
         if block < 16 or block & (block - 1):
             raise ValueError(f"{name}={block} must be a power of two >= 16 (tl.dot needs tiles of at least 16)")
-    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"the Triton attention kernel needs CUDA tensors, got {q.device}: move q, k, v to a GPU, "
-                         f"or set TRITON_INTERPRET=1 before importing megatron_lc.kernels (slow, for tests)")
+    require_triton_device("attention", q.device)
     return block_m, block_n, {"num_warps": warps, "num_stages": 2}
 
 

@@ -11,11 +11,11 @@ a block of rows into its own row of a ``[programs, H]`` fp32 buffer, which torch
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from ._device import require_triton_device
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_BLOCK = 65536  # one row per program in registers; beyond this the kernel would need a loop over H
@@ -97,9 +97,7 @@ def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
                          f"weight {tuple(weight.shape)}")
     if x.device != weight.device:
         raise ValueError(f"x and weight must be on one device, got {x.device}, {weight.device}")
-    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"the Triton RMSNorm kernel needs CUDA tensors, got {x.device}: move them to a GPU, or set "
-                         f"TRITON_INTERPRET=1 before importing megatron_lc.kernels (slow, for tests)")
+    require_triton_device("RMSNorm", x.device)
 
 
 def _num_programs(device: torch.device, n_rows: int) -> int:

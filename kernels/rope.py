@@ -26,11 +26,11 @@ tokens).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from ._device import require_triton_device
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_HEAD_DIM = 256
@@ -124,9 +124,7 @@ def _check_qk(q: torch.Tensor, k: torch.Tensor) -> None:
         raise TypeError(f"q and k must share one dtype of {SUPPORTED_DTYPES}, got {q.dtype}, {k.dtype}")
     if q.device != k.device:
         raise ValueError(f"q and k must be on one device, got {q.device}, {k.device}")
-    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"the Triton rope kernel needs CUDA tensors, got {q.device}: move q, k to a GPU, or set "
-                         f"TRITON_INTERPRET=1 before importing megatron_lc.kernels (slow, for tests)")
+    require_triton_device("rope", q.device)
 
 
 def _check_cs(name: str, t: torch.Tensor, shape: tuple, device: torch.device) -> None:

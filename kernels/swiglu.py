@@ -9,11 +9,11 @@ The kernels are elementwise over the flattened tensors, so I needs no block-size
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from ._device import require_triton_device
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BLOCK = 4096  # elements per program
@@ -54,9 +54,7 @@ def _check(gate: torch.Tensor, up: torch.Tensor) -> None:
                          f"{SUPPORTED_DTYPES}")
     if gate.device != up.device:
         raise ValueError(f"gate and up must be on one device, got {gate.device}, {up.device}")
-    if gate.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"the Triton SwiGLU kernel needs CUDA tensors, got {gate.device}: move them to a GPU, or "
-                         f"set TRITON_INTERPRET=1 before importing megatron_lc.kernels (slow, for tests)")
+    require_triton_device("SwiGLU", gate.device)
 
 
 def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
