@@ -84,6 +84,19 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, skd, svs, svd, offs_m, off
 
 
 @triton.jit
+def _key_ranges(start_m, S_kv, DIFF, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(mid, hi) for the query block at start_m: key blocks [0, mid) are in range and fully visible (no mask),
+    [mid, hi) need the causal / bounds mask, and blocks past hi are fully masked (skipped)."""
+    if CAUSAL:
+        hi = tl.maximum(tl.minimum(S_kv, start_m + BLOCK_M + DIFF), 0)
+        mid = tl.minimum(tl.maximum(start_m + DIFF + 1, 0), S_kv) // BLOCK_N * BLOCK_N
+    else:
+        hi = S_kv
+        mid = S_kv // BLOCK_N * BLOCK_N
+    return mid, hi
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, Out, Lse,
                 sqb, sqs, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, sob, sos, soh, sod,
                 H, GROUP, S_q, S_kv, DIFF, qk_scale,
@@ -110,12 +123,7 @@ def _fwd_kernel(Q, K, V, Out, Lse,
 
     # Key blocks [0, mid) are in range and fully visible to every row of this query block: no mask there.
     # Blocks [mid, hi) need the causal / bounds mask; blocks past hi are fully masked and skipped.
-    if CAUSAL:
-        hi = tl.maximum(tl.minimum(S_kv, start_m + BLOCK_M + DIFF), 0)
-        mid = tl.minimum(tl.maximum(start_m + DIFF + 1, 0), S_kv) // BLOCK_N * BLOCK_N
-    else:
-        hi = S_kv
-        mid = S_kv // BLOCK_N * BLOCK_N
+    mid, hi = _key_ranges(start_m, S_kv, DIFF, CAUSAL, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, skd, svs, svd, offs_m, offs_d, 0, mid,
                                S_kv, DIFF, qk_scale, False, CAUSAL, IEEE, BLOCK_N)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sks, skd, svs, svd, offs_m, offs_d, mid, hi,
@@ -278,12 +286,7 @@ def _bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ,
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
     # As in the forward: [0, mid) unmasked, [mid, hi) masked, the rest skipped.
-    if CAUSAL:
-        hi = tl.maximum(tl.minimum(S_kv, start_m + BLOCK_M + DIFF), 0)
-        mid = tl.minimum(tl.maximum(start_m + DIFF + 1, 0), S_kv) // BLOCK_N * BLOCK_N
-    else:
-        hi = S_kv
-        mid = S_kv // BLOCK_N * BLOCK_N
+    mid, hi = _key_ranges(start_m, S_kv, DIFF, CAUSAL, BLOCK_M, BLOCK_N)
     dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, skd, svs, svd, offs_m, offs_d, 0, mid, S_kv, DIFF,
                    qk_scale, False, CAUSAL, IEEE, BLOCK_N)
     dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, sks, skd, svs, svd, offs_m, offs_d, mid, hi, S_kv, DIFF,
