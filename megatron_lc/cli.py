@@ -25,7 +25,7 @@ class Command:
 
 def _commands() -> dict[str, Command]:
     # Imported here, not at module top, so importing megatron_lc.cli stays cheap.
-    from . import bench_kernels, demo
+    from . import bench, demo
     from .train import commands as train_commands
 
     return {
@@ -35,8 +35,9 @@ def _commands() -> dict[str, Command]:
                          train_commands.add_train_args, train_commands.run_train),
         "convert": Command("convert between our checkpoints (step_<N>/) and HF Qwen2 folders",
                            train_commands.add_convert_args, train_commands.run_convert),
-        "bench": Command("benchmark the kernels of each op (torch, torch.compile, ours) and write a table and plot",
-                         bench_kernels.add_bench_args, bench_kernels.run_bench),
+        "bench": Command("benchmark the kernels of each op (bench kernels) or a training step against HF "
+                         "transformers (bench train), and write a table and plot",
+                         bench.add_bench_args, bench.run_bench),
     }
 
 

@@ -36,13 +36,16 @@ class _RingComm:
 
     def __init__(self, group: dist.ProcessGroup, tag: int):
         self.group, self.tag = group, tag
-        rank, world = dist.get_rank(group), dist.get_world_size(group)
-        self.next = dist.get_global_rank(group, (rank + 1) % world)
-        self.prev = dist.get_global_rank(group, (rank - 1) % world)
         self.requests: list = []
         self.sending: list[torch.Tensor] = []
         self.recycle = False
         self.spare: list[torch.Tensor] | None = None
+        self._connect()
+
+    def _connect(self) -> None:
+        rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
+        self.next = dist.get_global_rank(self.group, (rank + 1) % world)
+        self.prev = dist.get_global_rank(self.group, (rank - 1) % world)
 
     def start(self, tensors: list[torch.Tensor], recycle: bool) -> list[torch.Tensor]:
         """Start sending ``tensors``; return the buffers the previous rank's tensors arrive in (valid after wait).
@@ -51,18 +54,34 @@ class _RingComm:
         spare, self.spare = self.spare, None
         if spare is None or any((r.shape, r.dtype) != (t.shape, t.dtype) for r, t in zip(spare, self.sending)):
             spare = [torch.empty_like(t) for t in self.sending]
+        self.requests, self.recycle = self._transfer(spare), recycle
+        return spare
+
+    def _transfer(self, receive: list[torch.Tensor]) -> list:
+        """Start sending ``self.sending`` to the next rank and receiving into ``receive``; returns the requests."""
         ops = []
-        for t, r in zip(self.sending, spare):
+        for t, r in zip(self.sending, receive):
             ops.append(dist.P2POp(dist.isend, t, self.next, self.group, self.tag))
             ops.append(dist.P2POp(dist.irecv, r, self.prev, self.group, self.tag))
-        self.requests, self.recycle = dist.batch_isend_irecv(ops), recycle
-        return spare
+        return dist.batch_isend_irecv(ops)
 
     def wait(self) -> None:
         for request in self.requests:
             request.wait()
         self.spare = self.sending if self.recycle else None
         self.requests, self.sending = [], []
+
+
+def _rank_world(group) -> tuple[int, int]:
+    """(rank, size) of the ring: a process group, or a stand-in that has ``rank``, ``world`` and ``ring_comm(tag)``
+    (``simulated_ring.SimulatedRing``: one rank of a ring measured on one device)."""
+    if hasattr(group, "ring_comm"):
+        return group.rank, group.world
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _comm(group, tag: int) -> _RingComm:
+    return group.ring_comm(tag) if hasattr(group, "ring_comm") else _RingComm(group, tag)
 
 
 def _visible_part(step: int, rank: int, world: int, s_local: int, causal: bool, layout: str):
@@ -109,10 +128,10 @@ def _check_inputs(q, k, v, group, layout):
 
 
 def _ring_forward(q, k, v, group, causal, layout, scale):
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    rank, world = _rank_world(group)
     s = q.shape[1]
     out = lse = None
-    comm = _RingComm(group, _KV_TAG)
+    comm = _comm(group, _KV_TAG)
     cur_k, cur_v = k, v
     for step in range(world):
         if step + 1 < world:  # step 0 sends the caller's k, v: never recycled
@@ -134,10 +153,10 @@ def _ring_forward(q, k, v, group, causal, layout, scale):
 
 
 def _ring_backward(dout, q, k, v, out, lse, group, causal, layout, scale):
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    rank, world = _rank_world(group)
     s = q.shape[1]
     dq = None
-    kv_comm, grad_comm = _RingComm(group, _KV_TAG), _RingComm(group, _GRAD_TAG)
+    kv_comm, grad_comm = _comm(group, _KV_TAG), _comm(group, _GRAD_TAG)
     cur_k, cur_v = k, v
     arrived = None  # fp32 dK/dV accumulators of the K/V block we hold, from the ranks it visited before
     for step in range(world):
