@@ -118,8 +118,13 @@ def _reference(corpus):
     (2, ["data.micro_batch_size=2", "train.activation_checkpointing=every_k", "parallel.cp_mode=allgather"]),
     (4, ["data.micro_batch_size=4", "parallel.cp=4", "parallel.cp_mode=hybrid", "parallel.cp_ulysses=2"]),
     (2, ["data.micro_batch_size=4", "parallel.cp=2", "parallel.cp_mode=ulysses"]),
+    (2, ["data.micro_batch_size=2", "train.activation_checkpointing=selective", "model.config.mlp_tile_tokens=24"]),
+    (2, ["data.micro_batch_size=4", "parallel.cp=2", "train.activation_checkpointing=selective"]),
+    (4, ["data.micro_batch_size=4", "parallel.cp=2", "parallel.tp=2", "train.activation_checkpointing=selective"]),
+    (2, ["data.micro_batch_size=2", "train.activation_checkpointing=offload", "model.config.mlp_tile_tokens=24"]),
 ], ids=["dp2", "cp2", "dp2xcp2", "tp2", "dp2xtp2", "cp2xtp2", "hsdp2x2", "accum2", "dp2-accum2-ac", "dp2-ack",
-        "cp4-hybrid2x2", "cp2-ulysses"])
+        "cp4-hybrid2x2", "cp2-ulysses", "dp2-selective-tiled", "cp2-selective", "cp2xtp2-selective",
+        "dp2-offload-tiled"])
 def test_parallel_layout_equals_one_process(corpus, world, overrides):
     """Gradients after step 1 (full tensors), the logged grad norms and the 5-step loss curve equal one process
     at atol=rtol=1e-5; the sharded meta-device init equals an eager build bit for bit."""

@@ -43,6 +43,9 @@ class ModelConfig:
     """Std of the normal init of linear and embedding weights."""
     loss_chunk_tokens: int = 0
     """Tokens per chunk of the cross-entropy; 0 picks the largest power of two with chunk x vocab x 4 B <= 256 MiB."""
+    mlp_tile_tokens: int = 0
+    """Tokens per sequence tile of the MLP (a longer input never holds ``[S, intermediate]``, see tiled_mlp.py);
+    0 picks the largest power of two with tile x intermediate x 4 B <= 256 MiB; -1 never tiles."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Fields of an HF config.json that we keep only to write them back (bos/eos ids, ...)."""
 
@@ -79,6 +82,9 @@ class ModelConfig:
             raise ConfigError(f"model.rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
         if self.loss_chunk_tokens < 0:
             raise ConfigError(f"model.loss_chunk_tokens must be >= 0 (0 = automatic), got {self.loss_chunk_tokens}")
+        if self.mlp_tile_tokens < -1:
+            raise ConfigError(f"model.mlp_tile_tokens must be >= 1, 0 (automatic) or -1 (never tile), got "
+                              f"{self.mlp_tile_tokens}")
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if kind not in (None, "default"):

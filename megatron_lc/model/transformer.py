@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from .. import ops
 from .config import ModelConfig
 from .rope import RotaryEmbedding, apply_rotary_qk
+from .tiled_mlp import auto_tile_tokens, tiled_mlp
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -78,12 +79,17 @@ class Attention(nn.Module):
         self.attn_fn: Callable[..., torch.Tensor] = ops.attention
         self.rope_fn: Callable[..., tuple[torch.Tensor, torch.Tensor]] = apply_rotary_qk  # (q, k, cos, sin)
 
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x ``[B, S, hidden]`` -> q ``[B, S, H, D]`` and k, v ``[B, S, H_kv, D]``, RoPE applied to q and k."""
+        b, s, _ = x.shape
+        q, k = self.rope_fn(self.q_proj(x).view(b, s, self.num_heads, self.head_dim),
+                            self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim), cos, sin)
+        return q, k, self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
                 layer: int = 0) -> torch.Tensor:
         b, s, _ = x.shape
-        q, k = self.rope_fn(self.q_proj(x).view(b, s, self.num_heads, self.head_dim),  # [B, S, H, D]
-                            self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim), cos, sin)  # [B, S, Hkv, D]
-        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
+        q, k, v = self.project(x, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         out = self.attn_fn(q, k, v, causal=True)  # [B, S, H, D]
@@ -91,7 +97,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: ``down(silu(gate(x)) * up(x))``, no biases."""
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``, no biases. Inputs longer than ``tile_tokens`` tokens run in sequence
+    tiles (tiled_mlp.py), so ``[S, intermediate]`` never exists for the whole S; -1 turns tiling off."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -99,8 +106,13 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.act_fn: Callable[..., torch.Tensor] = swiglu  # (gate, up); megatron_lc.ops swaps kernels in
+        tile = config.mlp_tile_tokens
+        self.tile_tokens = auto_tile_tokens(config.intermediate_size) if tile == 0 else tile
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if 0 < self.tile_tokens < x.numel() // x.shape[-1]:
+            return tiled_mlp(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, self.act_fn,
+                             self.tile_tokens)
         return self.down_proj(self.act_fn(self.gate_proj(x), self.up_proj(x)))
 
 

@@ -8,33 +8,14 @@ weights of an eager build.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, distribute_tensor
-from torch.utils.checkpoint import checkpoint
 
+from .checkpointing import apply_activation_checkpointing
 from .context_parallel import ContextParallel
 from .dims import ParallelDims
-
-
-def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 1) -> int:
-    """Recompute blocks in backward instead of keeping their activations: ``full`` every block, ``every_k`` every
-    ``every``-th one, ``none`` nothing. Returns the number of checkpointed blocks. The block's forward is wrapped in
-    place (no wrapper module), so parameter names, and with them init and checkpoints, do not change."""
-    if mode == "none":
-        return 0
-    if mode not in ("full", "every_k"):
-        raise ValueError(f"activation checkpointing must be none, full or every_k, got {mode!r}")
-    step = 1 if mode == "full" else every
-    count = 0
-    for i, block in enumerate(model.layers):
-        if i % step == 0:
-            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
-            count += 1
-    return count
 
 
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, flat: dict[str, DeviceMesh], dims: ParallelDims,
@@ -69,6 +50,9 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, flat: di
 
         apply_tensor_parallel(model, mesh["tp"])
         chosen.update(rmsnorm="torch (tensor parallel)", linear_cross_entropy="vocab-parallel torch")
+        for block in model.layers:  # the tiled MLP calls F.linear on the weights, past the TP modules' hooks
+            block.mlp.tile_tokens = -1
+        chosen["mlp"] = "untiled (tensor parallel)"
     cp = None
     if dims.cp > 1:
         if (cp_mode == "hybrid") != (dims.cp_ulysses > 1):

@@ -155,7 +155,8 @@ class TrainSection:
     dtype: str = "float32"
     """bfloat16 | float32: parameters and activations (gradients are reduced in fp32)."""
     activation_checkpointing: str = "none"
-    """none | full (every block) | every_k (every ac_every-th block)."""
+    """none | full (every block) | every_k (every ac_every-th block) | selective (keep attention's output and lse,
+    recompute the rest) | offload (full, block inputs in host memory); see megatron_lc/parallel/checkpointing.py."""
     ac_every: int = 2
     """k of every_k."""
     compile: bool = False
@@ -208,7 +209,7 @@ class TrainConfig:
         _choice("parallel.cp_layout", p.cp_layout, ("zigzag", "contiguous"))
         _choice("schedule.kind", self.schedule.kind, ("cosine", "constant", "warmup_constant"))
         _choice("train.dtype", t.dtype, ("float32", "bfloat16"))
-        _choice("train.activation_checkpointing", t.activation_checkpointing, ("none", "full", "every_k"))
+        _choice("train.activation_checkpointing", t.activation_checkpointing, ("none", "full", "every_k", "selective", "offload"))
         _choice("train.device", t.device, ("auto", "cpu", "cuda"))
         _choice("data.token_dtype", d.token_dtype, ("auto", "uint16", "uint32"))
         from ..ops.dispatch import CHOICES, OPS
