@@ -300,6 +300,17 @@ def worker_main(spec: dict) -> int:
 
 
 # ---- the parent: one subprocess per case ---------------------------------------------------------------------------
+def case_spec(contender: str, config: ModelConfig, seq_len: int, *, device: str = "cpu", dtype: str = "float32",
+              ac: str = "full", batch: int = 1, optimizer: bool = False, warmup: int = 1, repeats: int = 3,
+              cp_rank_of: int | None = None, cp_rank: int = 0, memory_budget_bytes: int | None = None) -> dict:
+    """The JSON-able description of one case that ``measure`` hands to a worker (fields: see run_case)."""
+    if contender not in CONTENDERS:
+        raise ConfigError(f"unknown contender {contender!r}: use one of {', '.join(CONTENDERS)}")
+    return {"contender": contender, "config": dataclasses.asdict(config), "seq_len": seq_len, "batch": batch,
+            "dtype": dtype, "device": device, "ac": ac, "optimizer": optimizer, "warmup": warmup, "repeats": repeats,
+            "cp_rank_of": cp_rank_of, "cp_rank": cp_rank, "memory_budget_bytes": memory_budget_bytes}
+
+
 def measure(spec: dict, timeout: float | None = None) -> dict:
     """Run ``spec`` (see run_case) in a fresh Python process; returns its result dict, or one with ``status``
     "oom", "over_budget", "timeout" or "error" (with the end of its stderr) when the step did not complete."""
@@ -532,13 +543,12 @@ def run_bench(args: argparse.Namespace) -> int:
     budget = int(args.memory_budget_gib * GIB) if args.memory_budget_gib and device.type == "cpu" else None
 
     def spec(contender: str, seq_len: int, probe: bool = False) -> dict:
-        return {"contender": contender, "config": dataclasses.asdict(config), "seq_len": seq_len,
-                "batch": args.batch, "dtype": dtype_name, "device": str(device), "ac": ac,
-                "optimizer": args.optimizer, "cp_rank_of": args.cp_rank_of, "cp_rank": args.cp_rank,
-                "memory_budget_bytes": budget,
-                # A probe needs one step, two with AdamW: its state exists only from the first step's end.
-                "warmup": (1 if args.optimizer else 0) if probe else args.warmup,
-                "repeats": 1 if probe else args.repeats}
+        return case_spec(contender, config, seq_len, device=str(device), dtype=dtype_name, ac=ac, batch=args.batch,
+                         optimizer=args.optimizer, cp_rank_of=args.cp_rank_of, cp_rank=args.cp_rank,
+                         memory_budget_bytes=budget,
+                         # A probe needs one step, two with AdamW: its state exists only from the first step's end.
+                         warmup=(1 if args.optimizer else 0) if probe else args.warmup,
+                         repeats=1 if probe else args.repeats)
 
     rows: list[dict] = []
 

@@ -103,16 +103,26 @@ class _KeepAttention(torch.autograd.Function):
         return x.grad, None, None, None
 
 
-def _post_attention(block: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def _pre_mlp(block: nn.Module, x: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     b, s = out.shape[:2]
     y = x + block.attn.o_proj(out.reshape(b, s, -1))
-    return y + block.mlp(block.mlp_norm(y))
+    return y, block.mlp_norm(y)
+
+
+def _post_attention(block: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    y, h = _pre_mlp(block, x, out)
+    return y + block.mlp(h)
 
 
 def _selective_forward(block: nn.Module, plain_forward, x, cos, sin, cache=None, layer: int = 0):
     if cache is not None or not torch.is_grad_enabled():  # decoding or evaluation: nothing to save
         return plain_forward(x, cos, sin, cache, layer)
     out = _KeepAttention.apply(x, cos, sin, block)
+    if 0 < block.mlp.tile_tokens < out.shape[0] * out.shape[1]:
+        # A tiled MLP saves only its input and recomputes its tiles in its own backward: inside the checkpoint it
+        # would also re-run its whole forward first. Keeping its input (one more [S, hidden]) saves that.
+        y, h = checkpoint(_pre_mlp, block, x, out, use_reentrant=False)
+        return y + block.mlp(h)
     return checkpoint(_post_attention, block, x, out, use_reentrant=False)
 
 
@@ -249,10 +259,13 @@ def policy_costs(config: ModelConfig, policy: str, seq_len: int, *, dtype_bytes:
     full = b * h
     tile_recompute = (2 / 3) * flops["mlp"] if tiled else 0.0
     block_fwd = flops["qkvo"] + flops["mlp"] + flops["attention"]
-    saved = {"none": none, "full": full, "selective": full + b * q + 4 * n, "offload": 0.0,
+    # selective: input, attention output and lse; with a tiled MLP also the MLP's input, whose forward then runs
+    # once (the tiles' own backward recomputes gate/up), else the MLP re-runs in the checkpoint.
+    selective = full + b * q + 4 * n + (b * h if tiled else 0)
+    saved = {"none": none, "full": full, "selective": selective, "offload": 0.0,
              "every_k": (full + (every - 1) * none) / every}[policy] * L
     recompute = {"none": 0.0, "full": block_fwd, "offload": block_fwd, "every_k": block_fwd / every,
-                 "selective": flops["qkvo"] + flops["mlp"]}[policy] + tile_recompute
+                 "selective": flops["qkvo"] + (0.0 if tiled else flops["mlp"])}[policy] + tile_recompute
     step = 3 * sum(flops.values())
     return {"policy": policy, "saved_bytes_per_token": saved,
             "host_bytes_per_token": full * L if policy == "offload" else 0.0,
