@@ -54,7 +54,10 @@ def load_model_config(preset: str, layers: int | None = None) -> ModelConfig:
     """The ModelConfig of a preset name (tiny, demo, qwen2-0.5b, qwen2-1.5b, qwen2-7b: equal to configs/models/*.yaml)
     or of a YAML path, with ``num_layers`` replaced by ``layers`` (a reduced-depth probe) when given."""
     if os.path.isfile(preset) or preset.endswith((".yaml", ".yml")):
-        config = ModelConfig.from_yaml(preset)
+        try:
+            config = ModelConfig.from_yaml(preset)
+        except ConfigError as e:
+            raise ConfigError(f"--preset {preset}: {e}") from None
     else:
         try:
             config = preset_config(preset)
@@ -279,7 +282,8 @@ def run_case(spec: dict) -> dict:
         "weights_gib": weights / GIB, "grads_gib": grads / GIB, "optimizer_gib": opt_state / GIB,
         "static_gib": (weights + grads + opt_state) / GIB, "peak_abs_gib": peak / GIB,
         "base_gib": base / GIB, "peak_extra_gib": (peak - base - grads - opt_state) / GIB,
-        "loss": float(losses[-1]), "kernels": kernels, **notes,
+        "loss": float(losses[-1]), "kernels": kernels,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU", **notes,
     }
     return result
 
@@ -578,14 +582,20 @@ def run_bench(args: argparse.Namespace) -> int:
             for s in args.seq_len:
                 run_one(contender, s)
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    # The device's name comes from a worker: asking here would make a CUDA context in this process, whose memory
+    # the workers would then not have.
+    name = next((r["device_name"] for r in rows if r.get("device_name")), device.type)
     versions = f"torch {torch.__version__}"
     hf_rows = [r for r in rows if r.get("transformers")]
     if hf_rows:
         versions += f", transformers {hf_rows[0]['transformers']}"
-    cp_text = (f"; one rank (rank {args.cp_rank}, zigzag chunks {args.cp_rank} and {2 * args.cp_rank_of - 1 - args.cp_rank}"
-               f") of a simulated CP={args.cp_rank_of} ring: tokens/s per GPU, weights+grads of one unsharded replica"
-               if args.cp_rank_of else "")
+    cp_text = ""
+    if args.cp_rank_of:
+        n, r = args.cp_rank_of, args.cp_rank
+        cp_text = (f"; one rank of a simulated CP={n} zigzag ring: rank {r}, chunks {r} and {2 * n - 1 - r} of {2 * n} "
+                   f"(zigzag gives every rank the same block shapes, so any rank is the worst-loaded one); tokens/s "
+                   f"per GPU, MFU at the global S; weights+grads are one unsharded replica's (FSDP over the ring "
+                   f"would hold 1/{n} of them plus one gathered block)")
     header = (f"Training step of {args.preset} ({config.num_layers} layers), batch {args.batch}, on {name}, "
               f"{dtype_name}, {versions}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; median of "
               f"{args.repeats} steps after {args.warmup} warm-up; optimizer: "
