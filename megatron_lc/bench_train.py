@@ -150,9 +150,14 @@ def _build_ours(spec: dict, config: ModelConfig, device: torch.device, dtype: to
     mesh, flat = dims.build_mesh(device.type)
     with torch.device("meta"):
         model = Transformer(config)
+    # "mixed" (the trainer): fp32 weights and grads, FSDP2 casts to ``dtype`` for compute. "pure": weights and
+    # grads in ``dtype``, the bytes per parameter of an HF model loaded in that dtype.
+    mixed = spec.get("ours_params", "mixed") == "mixed" and dtype != torch.float32
     _, chosen = parallelize(model, dims, mesh, flat, activation_checkpointing=spec["ac"], kernels="auto",
-                            param_dtype=None if dtype == torch.float32 else dtype, device=device)
+                            param_dtype=dtype if mixed else None, device=device)
     materialize(model, device, seed=0)
+    if not mixed:
+        model.to(dtype)  # RoPE tables are not buffers: they stay fp32 (see model/rope.py)
     model.train()
     tokens, labels = _batch(config, spec["batch"], spec["seq_len"], device)
     notes = {}
@@ -211,6 +216,7 @@ def run_case(spec: dict) -> dict:
 
     device = torch.device(spec["device"])
     if device.type == "cuda":
+        device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
         torch.cuda.set_device(device)
     dtype = getattr(torch, spec["dtype"])
     config = ModelConfig(**spec["config"])
@@ -306,13 +312,15 @@ def worker_main(spec: dict) -> int:
 # ---- the parent: one subprocess per case ---------------------------------------------------------------------------
 def case_spec(contender: str, config: ModelConfig, seq_len: int, *, device: str = "cpu", dtype: str = "float32",
               ac: str = "full", batch: int = 1, optimizer: bool = False, warmup: int = 1, repeats: int = 3,
-              cp_rank_of: int | None = None, cp_rank: int = 0, memory_budget_bytes: int | None = None) -> dict:
+              cp_rank_of: int | None = None, cp_rank: int = 0, memory_budget_bytes: int | None = None,
+              ours_params: str = "mixed") -> dict:
     """The JSON-able description of one case that ``measure`` hands to a worker (fields: see run_case)."""
     if contender not in CONTENDERS:
         raise ConfigError(f"unknown contender {contender!r}: use one of {', '.join(CONTENDERS)}")
     return {"contender": contender, "config": dataclasses.asdict(config), "seq_len": seq_len, "batch": batch,
             "dtype": dtype, "device": device, "ac": ac, "optimizer": optimizer, "warmup": warmup, "repeats": repeats,
-            "cp_rank_of": cp_rank_of, "cp_rank": cp_rank, "memory_budget_bytes": memory_budget_bytes}
+            "cp_rank_of": cp_rank_of, "cp_rank": cp_rank, "memory_budget_bytes": memory_budget_bytes,
+            "ours_params": ours_params}
 
 
 def measure(spec: dict, timeout: float | None = None) -> dict:
@@ -431,7 +439,8 @@ def plot(rows: list[dict], path: str) -> None:
         ax.set_xlabel("sequence length S")
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # nothing to label when no case completed
+            ax.legend(fontsize=7)
     ax_t.set_title("one training step")
     ax_m.set_title("peak: extra above weights+grads(+opt), absolute")
     fig.tight_layout()
@@ -478,6 +487,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="our activation checkpointing policy (none, full, every_k, selective, offload; parallelize "
                         "validates it); default selective on CUDA (keeps attention's output: no attention recompute), "
                         "full on CPU (the least memory, which is what CPU runs check)")
+    p.add_argument("--ours-params", default="mixed", choices=["mixed", "pure"],
+                   help="ours with a 16-bit --dtype: mixed = the trainer's fp32 weights and grads with --dtype compute "
+                        "(FSDP2 mixed precision); pure = weights and grads in --dtype, as the HF contenders hold them")
     p.add_argument("--optimizer", action="store_true",
                    help="include AdamW (its state, and its step) in the step; the table says so")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones")
@@ -549,7 +561,7 @@ def run_bench(args: argparse.Namespace) -> int:
     def spec(contender: str, seq_len: int, probe: bool = False) -> dict:
         return case_spec(contender, config, seq_len, device=str(device), dtype=dtype_name, ac=ac, batch=args.batch,
                          optimizer=args.optimizer, cp_rank_of=args.cp_rank_of, cp_rank=args.cp_rank,
-                         memory_budget_bytes=budget,
+                         memory_budget_bytes=budget, ours_params=args.ours_params,
                          # A probe needs one step, two with AdamW: its state exists only from the first step's end.
                          warmup=(1 if args.optimizer else 0) if probe else args.warmup,
                          repeats=1 if probe else args.repeats)
@@ -596,10 +608,15 @@ def run_bench(args: argparse.Namespace) -> int:
                    f"(zigzag gives every rank the same block shapes, so any rank is the worst-loaded one); tokens/s "
                    f"per GPU, MFU at the global S; weights+grads are one unsharded replica's (FSDP over the ring "
                    f"would hold 1/{n} of them plus one gathered block)")
+    timing = (f"each --find-max-len probe times one step{' after one warm-up' if args.optimizer else ''}"
+              if args.find_max_len else f"median of {args.repeats} steps after {args.warmup} warm-up")
     header = (f"Training step of {args.preset} ({config.num_layers} layers), batch {args.batch}, on {name}, "
-              f"{dtype_name}, {versions}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; median of "
-              f"{args.repeats} steps after {args.warmup} warm-up; optimizer: "
+              f"{dtype_name}, {versions}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {timing}; optimizer: "
               f"{'AdamW (state included)' if args.optimizer else 'none (weights + grads only)'}{cp_text}")
+    if dtype_name != "float32" and "ours" in contenders:
+        held = f"fp32 weights and grads, {dtype_name} compute" if args.ours_params == "mixed" else \
+            f"{dtype_name} weights and grads"
+        header += f"; ours: {held} (--ours-params {args.ours_params})"
     notes = [f"Skipped: {c}: {why}" for c, why in skipped.items()]
     if max_len:
         what = (f"peak RSS under {args.memory_budget_gib} GiB" if budget else "no out-of-memory")
@@ -615,7 +632,8 @@ def run_bench(args: argparse.Namespace) -> int:
     with open(os.path.join(args.out, "train.json"), "w") as f:
         json.dump({"header": header, "preset": args.preset, "config": dataclasses.asdict(config),
                    "device": name, "dtype": dtype_name, "torch": torch.__version__, "ac": ac,
-                   "optimizer": args.optimizer, "cp_rank_of": args.cp_rank_of, "skipped": skipped,
+                   "optimizer": args.optimizer, "ours_params": args.ours_params, "cp_rank_of": args.cp_rank_of,
+                   "skipped": skipped,
                    "max_len": max_len, "notes": notes, "rows": rows}, f, indent=1)
     plot(rows, os.path.join(args.out, "train.png"))
     print(table)

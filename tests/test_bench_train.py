@@ -56,6 +56,21 @@ def test_find_max_len_doubles_then_bisects():
         find_max_len(lambda s: True, start=130, granularity=64, multiple=4)
 
 
+def test_bench_train_find_max_len_on_cpu(tmp_path):
+    common = ["bench", "train", "--preset", "tiny", "--device", "cpu", "--contenders", "ours", "--find-max-len"]
+    # A budget below the Python process itself: the first length does not fit (the worker stops itself at once).
+    assert main([*common, "--seq-len", "128", "--memory-budget-gib", "0.05", "--out", str(tmp_path / "a")]) == 0
+    report = json.loads((tmp_path / "a" / "train.json").read_text())
+    assert report["max_len"] == {"ours": None} and report["rows"][0]["status"] == "over_budget"
+    # A roomy budget, capped by --max-seq-len: doubling stops at the cap.
+    assert main([*common, "--seq-len", "128", "--memory-budget-gib", "16", "--max-seq-len", "256",
+                 "--out", str(tmp_path / "b")]) == 0
+    report = json.loads((tmp_path / "b" / "train.json").read_text())
+    assert report["max_len"] == {"ours": 256}
+    assert [(r["seq_len"], r["status"]) for r in report["rows"]] == [(128, "ok"), (256, "ok")]
+    assert "Longest S that fits" in (tmp_path / "b" / "train.md").read_text()
+
+
 # ---- one rank of a CP ring on one device ----------------------------------------------------------------------------
 SEQ, WORLD = 96, 3  # zigzag: 6 chunks of 16 tokens, each rank holds 32
 
