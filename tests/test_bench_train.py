@@ -3,6 +3,7 @@ search, one rank of a CP ring simulated on one device (the same block-kernel cal
 flag errors. The whole file runs in about a minute on 2 CPU cores."""
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -123,6 +124,46 @@ def test_simulated_ring_rank_makes_the_block_calls_of_a_real_rank():
     # Per layer: WORLD forward blocks, and backward blocks (the off-diagonal ones in query pieces) on every rank.
     layers = _tiny().config.num_layers
     assert sum(kind == "fwd" for kind, *_ in real[0][0]) == WORLD * layers
+
+
+def _attention_peak(rank, world, cp, simulated):
+    """Peak memory (bytes, median of 3) of ring attention fwd + bwd on rank 0 of a CP=``cp`` ring at S = 4096
+    (Qwen2-0.5B heads): over the real gloo group, or simulated on this process alone."""
+    import torch.distributed as dist
+
+    from megatron_lc.parallel.cp_bench import PeakMemory, _release_freed_heap
+    from megatron_lc.parallel.ring import ring_attention
+    from megatron_lc.parallel.sequence import shard_sequence
+    from megatron_lc.parallel.simulated_ring import SimulatedRing
+
+    _release_freed_heap()
+    group = SimulatedRing(0, cp) if simulated else dist.group.WORLD
+    g = torch.Generator().manual_seed(0)
+    full = [torch.randn(1, 4096, h, 64, generator=g) for h in (14, 2, 2, 14)]
+    q, k, v, dout = (shard_sequence(t, rank, cp) for t in full)
+    del full
+    q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
+    ring_attention(q, k, v, group).backward(dout)  # warm-up: pages in code and thread stacks
+    peaks = []
+    for _ in range(3):
+        q.grad = k.grad = v.grad = None
+        with PeakMemory(torch.device("cpu")) as mem:
+            ring_attention(q, k, v, group).backward(dout)
+        peaks.append(mem.peak)
+    return sorted(peaks)[1]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
+def test_simulated_ring_rank_holds_the_memory_of_a_real_rank(monkeypatch):
+    from megatron_lc.parallel.cp_bench import MALLOC_ENV
+
+    for key, value in MALLOC_ENV.items():  # inherited by the spawned processes: RSS tracks live tensors
+        monkeypatch.setenv(key, value)
+    real = run_distributed(_attention_peak, 4, 4, False)[0]
+    simulated = run_distributed(_attention_peak, 1, 4, True)[0]
+    print(f"ring rank 0 of CP=4, S=4096: real {real / 2**20:.2f} MiB, simulated {simulated / 2**20:.2f} MiB")
+    assert real > 4 * 2**20, real  # the measurement sees the attention's tensors (q alone is 3.5 MiB here)
+    assert abs(simulated - real) <= 0.1 * real, (simulated / 2**20, real / 2**20)
 
 
 def test_bench_train_cp_rank_of(tmp_path):
