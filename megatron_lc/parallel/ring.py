@@ -10,7 +10,8 @@ Both take this rank's shard (zigzag or contiguous layout, see sequence.py) of q 
 - ``allgather_attention`` (Llama-3 style): K/V are all-gathered once, each rank attends its queries to the keys
   they can see; backward re-gathers K/V (nothing full-length is kept between forward and backward) and
   reduce-scatters dK/dV. Fewer, larger messages.
-K/V always travel at the KV-head count: GQA heads are never repeated.
+K/V always travel at the KV-head count: GQA heads are never repeated. ``group`` may also be a stand-in with
+``rank``, ``world`` and ``ring_comm(tag)`` (simulated_ring.py: one rank of a ring measured on one device).
 """
 from __future__ import annotations
 
