@@ -8,26 +8,13 @@ from __future__ import annotations
 import argparse
 
 
-class _WithoutWhat:
-    """Passes bench_kernels' flags through to its subparser, minus its own positional ``what`` (the subparser's
-    name is the choice now), so ``megatron-lc bench kernels --smoke`` parses exactly as before."""
-
-    def __init__(self, parser: argparse.ArgumentParser):
-        self.parser = parser
-
-    def add_argument(self, *names, **kwargs):
-        if names != ("what",):
-            return self.parser.add_argument(*names, **kwargs)
-        return None
-
-
 def add_bench_args(p: argparse.ArgumentParser) -> None:
     from . import bench_kernels, bench_train
 
     sub = p.add_subparsers(dest="what", metavar="WHAT", required=True)
     kernels = sub.add_parser("kernels", help="each op: torch, torch.compile, our Triton kernels (table and plot)",
                              description=bench_kernels.__doc__.split("\n\n")[0])
-    bench_kernels.add_bench_args(_WithoutWhat(kernels))
+    bench_kernels.add_bench_args(kernels)
     train = sub.add_parser("train", help="one training step: ours vs HF transformers (+ Liger-Kernel): tokens/s, "
                                          "peak memory, MFU, longest S",
                            description=bench_train.__doc__.split("\n\n")[0])

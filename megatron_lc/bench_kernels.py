@@ -187,7 +187,6 @@ def _plot(rows: list[dict], path: str) -> None:
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("what", choices=["kernels"], help="what to benchmark")
     p.add_argument("--smoke", action="store_true", help="one small shape per op, no torch.compile (CI)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
