@@ -70,8 +70,8 @@ def test_bad_configs_are_clear_errors():
         ModelConfig(**{**base, "num_layers": 0})
     with pytest.raises(ConfigError, match="rope_theta must be a number"):
         ModelConfig(**{**base, "rope_theta": "big"})
-    with pytest.raises(ConfigError, match="rope_scaling type 'yarn' is not supported"):
-        ModelConfig(**{**base, "rope_scaling": {"type": "yarn", "factor": 4.0}})
+    with pytest.raises(ConfigError, match="rope_scaling type 'longrope' is not supported"):
+        ModelConfig(**{**base, "rope_scaling": {"type": "longrope", "factor": 4.0}})
     with pytest.raises(ConfigError, match="unknown model preset 'qwen2-7B'.*qwen2-7b"):
         preset_config("qwen2-7B")
     with pytest.raises(ConfigError, match="config file not found"):

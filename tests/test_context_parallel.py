@@ -21,8 +21,12 @@ def _batch(seq_len, packed, seed=0):
     return batch
 
 
+def _config(case):
+    return ModelConfig(**CFG, rope_scaling=case.get("rope_scaling"))
+
+
 def _single_process(case):
-    model = Transformer(ModelConfig(**CFG), seed=1)
+    model = Transformer(_config(case), seed=1)
     batch = _batch(case["seq_len"], case["packed"])
     total, count = model(batch["input_ids"], position_ids=batch.get("position_ids"), labels=batch["labels"],
                          reduction="sum")
@@ -40,7 +44,7 @@ def _cp_model_worker(rank, world, cases):
     for case in cases:
         shape = case.get("mesh", (world,))
         mesh = init_device_mesh("cpu", shape)
-        model = Transformer(ModelConfig(**CFG), seed=1)
+        model = Transformer(_config(case), seed=1)
         cp = ContextParallel(mesh, mode=case["mode"], layout=case.get("layout", "zigzag"), pad=case.get("pad", False))
         cp.apply(model)
         local = cp.shard_batch(_batch(case["seq_len"], case["packed"]))
@@ -78,6 +82,16 @@ def test_model_under_cp_equals_single_process(world):
     if world == 4:
         cases.append(dict(mode="hybrid", mesh=(2, 2), seq_len=48, packed=True))
     results = run_distributed(_cp_model_worker, world, cases, timeout=300)
+    _compare(cases, results)
+
+
+def test_dynamic_ntk_under_cp_uses_the_global_length():
+    """Dynamic NTK past max_position_embeddings (256): the base follows the whole sequence's length (320), not a
+    shard's largest position, so CP equals one process (a shard-local length would change every rank's angles)."""
+    dynamic = {"rope_type": "dynamic", "factor": 2.0}
+    cases = [dict(mode="ring", seq_len=320, packed=False, rope_scaling=dynamic),
+             dict(mode="hybrid", mesh=(2, 2), seq_len=320, packed=False, rope_scaling=dynamic)]
+    results = run_distributed(_cp_model_worker, 4, cases, timeout=300)
     _compare(cases, results)
 
 

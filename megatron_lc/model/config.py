@@ -32,7 +32,8 @@ class ModelConfig:
     rope_theta: float = 1e6
     """RoPE base."""
     rope_scaling: dict | None = None
-    """RoPE scaling in HF form ({'type'|'rope_type': ...}); None or type 'default' for plain RoPE."""
+    """RoPE scaling in HF form: ``{rope_type (or type): linear | dynamic | yarn, factor: s, ...}`` (rope_scaling.py);
+    None or type 'default' for plain RoPE. Stored as ``{rope_type: ..., <params>}``."""
     max_position_embeddings: int = 32768
     """Context length the model was trained for (what RoPE scaling extends)."""
     tie_word_embeddings: bool = False
@@ -85,13 +86,12 @@ class ModelConfig:
         if self.mlp_tile_tokens < -1:
             raise ConfigError(f"model.mlp_tile_tokens must be >= 1, 0 (automatic) or -1 (never tile), got "
                               f"{self.mlp_tile_tokens}")
-        if self.rope_scaling is not None:
-            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
-            if kind not in (None, "default"):
-                raise ConfigError(
-                    f"model.rope_scaling type {kind!r} is not supported by this version; "
-                    f"use null (plain RoPE) or change rope_theta"
-                )
+        from .rope_scaling import check_rope_scaling
+
+        try:
+            self.rope_scaling = check_rope_scaling(self.rope_scaling, self.max_position_embeddings)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "model config") -> "ModelConfig":
@@ -202,6 +202,8 @@ def to_hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
     """An HF config.json dict (Qwen2ForCausalLM, or LlamaForCausalLM when qkv_bias is False)."""
     qwen = cfg.qkv_bias
     out = {theirs: getattr(cfg, ours) for theirs, ours in _HF_NAMES.items()}
+    if cfg.rope_scaling:  # "type" for transformers 4.x releases that read only it; 5.x reads rope_type
+        out["rope_scaling"] = {"type": cfg.rope_scaling["rope_type"], **cfg.rope_scaling}
     out.update(
         architectures=["Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"],
         model_type="qwen2" if qwen else "llama",

@@ -149,3 +149,11 @@ class ContextParallel:
             if kv_heads % degree and degree % kv_heads:
                 raise ValueError(f"Ulysses degree {degree} and num_kv_heads={kv_heads}: one must divide the other")
         model.set_attention(self.attention)
+        model.rope.global_max_position = self._global_max_position
+
+    def _global_max_position(self, local_max: int) -> int:
+        """The largest position id over the group's shards (dynamic NTK scales by the whole sequence's length)."""
+        t = torch.tensor([local_max], dtype=torch.int64, device=self.mesh.device_type)
+        for dim in range(self.mesh.ndim):  # hybrid: over the ring, then the Ulysses dimension
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.mesh.get_group(dim))
+        return int(t.item())
