@@ -15,7 +15,8 @@ ULP2 = dict(atol=0.0, rtol=2.4e-7)
 
 # (head_dim, theta, max_position_embeddings, rope_scaling)
 YARN_CASES = {
-    "qwen2-7b-spec": (128, 1e6, 131072, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}),
+    "qwen2-7b-spec": (128, 1e6, 131072, {"rope_type": "yarn", "factor": 4.0,
+                                         "original_max_position_embeddings": 32768}),
     "d64-theta1e4-s8": (64, 1e4, 16384, {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 2048}),
     "d128-betas-no-truncate": (128, 5e5, 65536, {"rope_type": "yarn", "factor": 2.0, "beta_fast": 16,
                                                  "beta_slow": 2, "truncate": False,
