@@ -34,6 +34,9 @@ class ModelConfig:
     rope_scaling: dict | None = None
     """RoPE scaling in HF form: ``{rope_type (or type): linear | dynamic | yarn, factor: s, ...}`` (rope_scaling.py);
     None or type 'default' for plain RoPE. Stored as ``{rope_type: ..., <params>}``."""
+    dual_chunk_attention: dict | None = None
+    """Dual Chunk Attention for inference past the trained length: ``{chunk_size, local_size}`` (HF
+    ``dual_chunk_attention_config``; dca.py); None for ordinary attention."""
     max_position_embeddings: int = 32768
     """Context length the model was trained for (what RoPE scaling extends)."""
     tie_word_embeddings: bool = False
@@ -86,10 +89,12 @@ class ModelConfig:
         if self.mlp_tile_tokens < -1:
             raise ConfigError(f"model.mlp_tile_tokens must be >= 1, 0 (automatic) or -1 (never tile), got "
                               f"{self.mlp_tile_tokens}")
+        from .dca import check_dca
         from .rope_scaling import check_rope_scaling
 
         try:
             self.rope_scaling = check_rope_scaling(self.rope_scaling, self.max_position_embeddings)
+            self.dual_chunk_attention = check_dca(self.dual_chunk_attention)
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
@@ -165,6 +170,7 @@ _HF_NAMES = {
     "rms_norm_eps": "rms_norm_eps",
     "rope_theta": "rope_theta",
     "rope_scaling": "rope_scaling",
+    "dual_chunk_attention_config": "dual_chunk_attention",
     "max_position_embeddings": "max_position_embeddings",
     "tie_word_embeddings": "tie_word_embeddings",
     "initializer_range": "init_std",

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from .. import ops
 from .config import ModelConfig
-from .rope import RotaryEmbedding, apply_rotary_qk
+from .dca import dca_attention, role_positions
+from .rope import RotaryEmbedding, apply_rotary, apply_rotary_qk
 from .tiled_mlp import auto_tile_tokens, tiled_mlp
 
 
@@ -78,6 +79,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(h * d, config.hidden_size, bias=False)
         self.attn_fn: Callable[..., torch.Tensor] = ops.attention
         self.rope_fn: Callable[..., tuple[torch.Tensor, torch.Tensor]] = apply_rotary_qk  # (q, k, cos, sin)
+        self.dca = config.dual_chunk_attention
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x ``[B, S, hidden]`` -> q ``[B, S, H, D]`` and k, v ``[B, S, H_kv, D]``, RoPE applied to q and k."""
@@ -86,8 +88,26 @@ class Attention(nn.Module):
                             self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim), cos, sin)
         return q, k, self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
 
+    def _dca_forward(self, x, cos, sin, cache, layer):
+        # cos/sin: [4, B, S, D/2], one table per DCA role (dca.ROLES): keys, then the three query positions.
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise RuntimeError("dual chunk attention is for inference: run under torch.no_grad() (or train without "
+                               "model.dual_chunk_attention)")
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim)
+        k = apply_rotary(self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim), cos[0], sin[0])
+        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
+        start = cache.length if cache is not None else 0
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        q = torch.stack([apply_rotary(q, cos[r], sin[r]) for r in (1, 2, 3)])
+        out = dca_attention(q, k, v, start, self.dca["chunk_size"], self.dca["local_size"])
+        return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
                 layer: int = 0) -> torch.Tensor:
+        if self.dca is not None:
+            return self._dca_forward(x, cos, sin, cache, layer)
         b, s, _ = x.shape
         q, k, v = self.project(x, cos, sin)
         if cache is not None:
@@ -202,7 +222,16 @@ class Transformer(nn.Module):
             position_ids = torch.arange(start, start + s, device=input_ids.device).unsqueeze(0).expand(b, s)
         elif position_ids.shape != input_ids.shape:
             raise ValueError(f"position_ids {tuple(position_ids.shape)} must match input_ids {tuple(input_ids.shape)}")
-        cos, sin = self.rope(position_ids)  # [B, S, D/2] fp32
+        dca = self.config.dual_chunk_attention
+        if dca is None:
+            cos, sin = self.rope(position_ids)  # [B, S, D/2] fp32
+        else:  # [4, B, S, D/2]: keys and the three query roles (dca.py)
+            start = cache.length if cache is not None else 0
+            if not torch.equal(position_ids, torch.arange(start, start + s, device=position_ids.device).expand(b, s)):
+                raise ValueError(f"dual chunk attention needs contiguous positions {start}..{start + s - 1} in every "
+                                 f"row (no packed documents): leave position_ids out")
+            roles = role_positions(position_ids, dca["chunk_size"], dca["local_size"])
+            cos, sin = (t.unflatten(0, (4, b)) for t in self.rope(roles.flatten(0, 1)))
         x = self.embed(input_ids)
         for i, block in enumerate(self.layers):
             x = block(x, cos, sin, cache, i)
