@@ -104,8 +104,10 @@ def test_dca_equals_plain_attention_within_one_chunk():
         assert (dca(longer) - plain(longer)).abs().max() > 1e-3  # past one chunk the positions differ
 
 
-@pytest.mark.parametrize("scaling", [None, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}],
-                         ids=["rope", "yarn"])
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+
+
+@pytest.mark.parametrize("scaling", [None, YARN], ids=["rope", "yarn"])
 def test_each_decode_step_equals_its_prefill_row(scaling):
     """Prefill 5 tokens, then decode one at a time across several chunks: every step's logits equal the row of a
     single prefill of the whole sequence (fp32, atol=rtol=1e-5); greedy generate runs through the same path. With
