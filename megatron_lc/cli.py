@@ -26,6 +26,7 @@ class Command:
 def _commands() -> dict[str, Command]:
     # Imported here, not at module top, so importing megatron_lc.cli stays cheap.
     from . import bench, demo
+    from .eval import commands as eval_commands
     from .train import commands as train_commands
 
     return {
@@ -38,6 +39,9 @@ def _commands() -> dict[str, Command]:
         "bench": Command("benchmark the kernels of each op (bench kernels) or a training step against HF "
                          "transformers (bench train), and write a table and plot",
                          bench.add_bench_args, bench.run_bench),
+        "eval": Command("evaluate a model: needle in a haystack over lengths x depths (eval niah) or loss by "
+                        "position and domain (eval loss), with JSON, table and PNG",
+                        eval_commands.add_eval_args, eval_commands.run_eval),
     }
 
 

@@ -1,0 +1,271 @@
+"""``megatron-lc eval WHAT``: ``niah`` (needle in a haystack grid + heatmap) and ``loss`` (loss by position and
+domain, table + plot).
+
+Models: an HF folder (config.json + safetensors, ``megatron_lc.model.load_hf``) or one of our checkpoint folders
+(``step_<N>/``, ``megatron_lc.train.convert.checkpoint_model``). Tokenizer: the demo's bytes (default) or an HF
+tokenizer.json. ``eval loss`` launched by torchrun runs context-parallel over all ranks (ring attention); ``eval
+niah`` is one process for now (a context-parallel KV-cache decode does not exist yet).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from ..configtools import ConfigError
+
+
+# ---- shared -----------------------------------------------------------------------------------------------------
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(float(x)) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def load_model(path: str, dtype: str = "float32", device: str = "cpu"):
+    """Transformer from an HF folder or a ``step_<N>/`` checkpoint folder, in ``dtype`` on ``device``, eval mode."""
+    if not os.path.isdir(path):
+        raise ConfigError(f"--model {path}: not a folder; give an HF folder (config.json + safetensors) or a "
+                          f"checkpoint folder step_<N>/")
+    from ..train.convert import checkpoint_model, is_checkpoint
+
+    if is_checkpoint(path):
+        model = checkpoint_model(path)
+    elif os.path.isfile(os.path.join(path, "config.json")):
+        from ..model import load_hf
+
+        model = load_hf(path, dtype=torch.float32)
+    else:
+        raise ConfigError(f"--model {path}: neither an HF folder (no config.json) nor a checkpoint (no "
+                          f"trainer_state.pt)")
+    return model.to(device=device, dtype=getattr(torch, dtype)).eval()
+
+
+def _tokenizer(args, model):
+    from .tokenizer import load_tokenizer
+
+    eos = model.config.extra.get("eos_token_id")
+    if isinstance(eos, list):
+        eos = eos[0] if eos else None
+    tok = load_tokenizer(args.tokenizer, eos)
+    if getattr(tok, "vocab_size", 0) > model.config.vocab_size:
+        raise ConfigError(f"--tokenizer has {tok.vocab_size} ids but the model's vocabulary has "
+                          f"{model.config.vocab_size}: pass the tokenizer the model was trained with")
+    return tok
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, action="append",
+                   help="HF folder or checkpoint folder step_<N>/ (eval loss: repeat to compare models)")
+    p.add_argument("--tokenizer", default=None,
+                   help="HF tokenizer.json (or its folder); default: the demo's UTF-8 byte tokenizer")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="compute dtype (default float32)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device (default: cuda if "
+                   "available, else cpu)")
+    p.add_argument("--train-length", type=int, default=None,
+                   help="where the dashed line goes (default: the model's max_position_embeddings)")
+    p.add_argument("--out", default="eval_out", help="output folder (default eval_out)")
+
+
+# ---- niah -------------------------------------------------------------------------------------------------------
+def add_niah_args(p: argparse.ArgumentParser) -> None:
+    _add_common(p)
+    p.add_argument("--variant", default="value", choices=("value", "original"),
+                   help="value: 'The special magic {city} number is: NNNNNNN.' (exact match); original: Kamradt's "
+                        "San Francisco needle (default value)")
+    p.add_argument("--scoring", default=None, choices=("exact", "regex", "recall"),
+                   help="exact match, regex (original: sandwich.+?dolores.+?sunny) or word recall "
+                        "(default: exact for value, regex for original)")
+    p.add_argument("--haystack", default=None,
+                   help="text file, or .bin token file (flat uint16/uint32); default: the stdlib's docstrings")
+    p.add_argument("--token-dtype", default="auto", help="dtype of a .bin haystack (auto | uint16 | uint32)")
+    p.add_argument("--lengths", type=_int_list, default=None,
+                   help="context lengths in tokens, comma-separated (default: --num-lengths evenly spaced up to "
+                        "--max-length)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="longest context when --lengths is not given (default: 2 x the training length)")
+    p.add_argument("--num-lengths", type=int, default=8, help="lengths when --lengths is not given (default 8)")
+    p.add_argument("--depths", type=_float_list, default=[float(d) for d in range(0, 101, 10)],
+                   help="needle depths in percent, comma-separated (default 0,10,...,100)")
+    p.add_argument("--trials", type=int, default=1, help="needles per cell (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the needles (default 0)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens per answer (default 32)")
+    p.add_argument("--question-reserve", type=int, default=None,
+                   help="tokens reserved after the haystack for question and answer (Kamradt: 200); default: "
+                        "exactly the question plus --max-new-tokens, so prompt + answer = the context length")
+
+
+def run_niah(args: argparse.Namespace) -> dict:
+    from . import niah
+
+    if len(args.model) != 1:
+        raise ConfigError(f"eval niah takes one --model, got {len(args.model)}")
+    for flag, value in {"--trials": args.trials, "--num-lengths": args.num_lengths,
+                        "--max-new-tokens": args.max_new_tokens}.items():
+        if value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
+    model = load_model(args.model[0], args.dtype, args.device)
+    tok = _tokenizer(args, model)
+    train_length = args.train_length or model.config.max_position_embeddings
+    if args.lengths:
+        lengths = args.lengths
+    else:
+        top = args.max_length or 2 * train_length
+        lengths = [round(top * (i + 1) / args.num_lengths) for i in range(args.num_lengths)]
+    lengths, depths = niah.parse_grid(lengths, args.depths)
+    t0 = time.perf_counter()
+    haystack = niah.load_haystack(args.haystack, tok, model.config.vocab_size, args.token_dtype)
+    print(f"haystack: {len(haystack):,} tokens ({args.haystack or 'stdlib docstrings'}); grid {len(lengths)} lengths "
+          f"x {len(depths)} depths x {args.trials} trials [{time.perf_counter() - t0:.1f} s]", flush=True)
+    results = niah.run_grid(niah.model_answer_fn(model, tok, args.max_new_tokens), tok, haystack, lengths, depths,
+                            variant=args.variant, scoring=args.scoring, trials=args.trials, seed=args.seed,
+                            max_new_tokens=args.max_new_tokens, question_reserve=args.question_reserve,
+                            progress=lambda line: print(line, flush=True))
+    results.update(model=args.model[0], train_length=train_length,
+                   rope={"rope_theta": model.config.rope_theta, "rope_scaling": model.config.rope_scaling})
+    os.makedirs(args.out, exist_ok=True)
+    json_path, png_path = os.path.join(args.out, "niah.json"), os.path.join(args.out, "niah.png")
+    niah.write_json(results, json_path)
+    niah.plot_heatmap(results, png_path, train_length)
+    print(_niah_table(results))
+    print(f"mean score {results['overall']:.3f}; wrote {json_path} and {png_path} "
+          f"[{time.perf_counter() - t0:.1f} s]")
+    return results
+
+
+def _niah_table(results: dict) -> str:
+    lengths = results["lengths"]
+    lines = ["depth \\ length " + "".join(f"{n:>8}" for n in lengths)]
+    for d, row in zip(results["depths"], results["mean"]):
+        lines.append(f"{d:>14g}% " + "".join("       -" if v is None else f"{v:8.2f}" for v in row))
+    return "\n".join(lines)
+
+
+# ---- loss -------------------------------------------------------------------------------------------------------
+def add_loss_args(p: argparse.ArgumentParser) -> None:
+    _add_common(p)
+    p.add_argument("--data", action="append", default=None, metavar="DOMAIN=PATH",
+                   help="a domain's text file or .bin token file; repeat per domain (default: stdlib docstrings "
+                        "as 'docstrings' and stdlib source as 'code')")
+    p.add_argument("--token-dtype", default="auto", help="dtype of .bin files (auto | uint16 | uint32)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per evaluated sequence (default: the model's max_position_embeddings)")
+    p.add_argument("--bucket-size", type=int, default=None,
+                   help="tokens per position bucket (default: 4096 when --seq-len >= 32K, else --seq-len / 8)")
+    p.add_argument("--samples", type=int, default=4, help="sequences per domain (default 4)")
+    p.add_argument("--batch-size", type=int, default=1, help="sequences per forward (default 1)")
+    p.add_argument("--chunk-tokens", type=int, default=2048, help="tokens per lm_head chunk (default 2048)")
+    p.add_argument("--cp-mode", default="ring", choices=("ring", "allgather", "ulysses"),
+                   help="context-parallel attention under torchrun (default ring)")
+
+
+def _domains(args, tok, vocab_size: int) -> dict[str, list[int]]:
+    from .niah import default_haystack_text, load_haystack
+
+    if not args.data:
+        from .loss_by_length import stdlib_code_text
+
+        return {"docstrings": tok.encode(default_haystack_text()), "code": tok.encode(stdlib_code_text())}
+    out = {}
+    for item in args.data:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--data {item!r}: use DOMAIN=PATH, e.g. --data book=pg19.txt")
+        if not os.path.isfile(path):
+            raise ConfigError(f"--data {item!r}: no such file {path}")
+        out[name] = load_haystack(path, tok, vocab_size, args.token_dtype)
+    return out
+
+
+def run_loss(args: argparse.Namespace) -> dict:
+    import torch.distributed as dist
+
+    from . import loss_by_length as lbl
+
+    for flag, value in {"--samples": args.samples, "--batch-size": args.batch_size,
+                        "--chunk-tokens": args.chunk_tokens}.items():
+        if value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cp = None
+    if world > 1:  # launched by torchrun: every rank is one CP rank of one sequence
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from ..parallel.context_parallel import ContextParallel
+
+        device_type = "cuda" if args.device.startswith("cuda") else "cpu"
+        if device_type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            args.device = f"cuda:{torch.cuda.current_device()}"
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        cp = ContextParallel(init_device_mesh(device_type, (world,)), mode=args.cp_mode)
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    t0 = time.perf_counter()
+    results, edges, train_length = {}, None, None
+    for path in args.model:
+        model = load_model(path, args.dtype, args.device)
+        tok = _tokenizer(args, model)
+        seq_len = args.seq_len or model.config.max_position_embeddings
+        bucket = args.bucket_size or (4096 if seq_len >= 32768 else max(1, seq_len // 8))
+        model_edges = lbl.bucket_edges(seq_len, bucket)
+        if edges is not None and model_edges != edges:
+            raise ConfigError(f"models differ in max_position_embeddings; pass --seq-len to compare {args.model}")
+        edges = model_edges
+        train_length = train_length or args.train_length or model.config.max_position_embeddings
+        if cp is not None:
+            cp.apply(model)
+        domains = _domains(args, tok, model.config.vocab_size)
+        results[os.path.basename(os.path.normpath(path)) or path] = per_domain = {}
+        for name, tokens in domains.items():
+            windows = lbl.windows_from_tokens(tokens, seq_len, args.samples, name)
+            per_domain[name] = lbl.loss_by_position(model, windows, bucket, cp, args.batch_size, args.chunk_tokens)
+            if rank0:
+                print(f"{path}: {name}: {args.samples} x {seq_len} tokens, loss {per_domain[name].average():.4f} "
+                      f"[{time.perf_counter() - t0:.1f} s]", flush=True)
+    if len(results) < len(args.model):
+        raise ConfigError(f"two --model paths end in the same folder name: {args.model}; name them apart")
+    out = lbl.results_to_json(results, edges)
+    out.update(seq_len=edges[-1], cp=world, train_length=train_length)
+    if rank0:
+        os.makedirs(args.out, exist_ok=True)
+        json_path, png_path = os.path.join(args.out, "loss_by_length.json"), os.path.join(args.out, "loss_by_length.png")
+        with open(json_path, "w") as f:
+            json.dump(out, f, indent=1)
+        lbl.plot_loss(results, edges, png_path, train_length if train_length < edges[-1] else None)
+        print(lbl.format_table(results, edges))
+        print(f"wrote {json_path} and {png_path}")
+    out["table"] = lbl.format_table(results, edges)
+    return out
+
+
+# ---- the command ------------------------------------------------------------------------------------------------
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="what", metavar="WHAT", required=True)
+    niah = sub.add_parser("niah", help="needle in a haystack over lengths x depths: JSON results and a heatmap PNG",
+                          description="Needle in a haystack: hide a needle at each depth of haystacks of each "
+                                      "length, decode greedily, score; write niah.json and niah.png.")
+    add_niah_args(niah)
+    loss = sub.add_parser("loss", help="validation loss by position bucket and domain: table (Fu et al. Table 5) "
+                                       "and PNG; context-parallel under torchrun",
+                          description="Validation loss by position bucket and domain; write loss_by_length.json "
+                                      "and loss_by_length.png and print the table.")
+    add_loss_args(loss)
+
+
+def run_eval(args: argparse.Namespace):
+    if args.what == "niah":
+        return run_niah(args)
+    return run_loss(args)
