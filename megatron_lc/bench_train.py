@@ -37,13 +37,11 @@ import torch
 
 from .configtools import ConfigError
 from .model.config import ModelConfig, preset_config
+from .parallel.cp_bench import MALLOC_ENV, status_bytes  # MALLOC_ENV: every CPU worker's environment
 
 CONTENDERS = ("ours", "hf", "hf-liger")
 RESULT_PREFIX = "BENCH_TRAIN_RESULT "
 GIB = 2**30
-# Environment of every worker on CPU: glibc serves blocks of 64 KiB or more from mmap from the first allocation on,
-# so a freed tensor leaves the RSS at once and VmHWM measures live memory (as parallel/cp_bench.MALLOC_ENV).
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
 # Variables that would make a worker join the caller's torchrun job instead of making its own one-process group.
 _DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
              "TORCHELASTIC_RUN_ID", "GROUP_RANK")
@@ -87,14 +85,6 @@ def contender_status(name: str, device: torch.device, cp_rank_of: int | None = N
 
 
 # ---- the worker: one (contender, S) in this process ----------------------------------------------------------------
-def _status_bytes(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
 class _RssWatchdog:
     """CPU: end the process (reporting ``over_budget``) as soon as its RSS passes ``budget`` bytes, so a probe of
     --find-max-len never takes the machine's memory (and the OOM killer) with it."""
@@ -105,7 +95,7 @@ class _RssWatchdog:
 
     def _watch(self) -> None:
         while not self.done.wait(0.005):
-            rss = _status_bytes("VmRSS:")
+            rss = status_bytes("VmRSS:")
             if rss > self.budget:
                 _emit({"status": "over_budget", "peak_abs_gib": rss / GIB,
                        "error": f"RSS {rss / GIB:.2f} GiB passed the budget of {self.budget / GIB:.2f} GiB"})
@@ -253,7 +243,7 @@ def run_case(spec: dict) -> dict:
         gc.collect()
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # VmHWM := VmRSS: the peak of the steps only
-        base = _status_bytes("VmRSS:")
+        base = status_bytes("VmRSS:")
     times, losses = [], []
     for i in range(spec["warmup"] + spec["repeats"]):
         sync()
@@ -263,7 +253,7 @@ def run_case(spec: dict) -> dict:
         if i >= spec["warmup"]:
             times.append(time.perf_counter() - start)
         losses.append(loss)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _status_bytes("VmHWM:")
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else status_bytes("VmHWM:")
     if watchdog is not None:
         watchdog.stop()
     weights = sum(_tensor_bytes(p) for p in model.parameters())

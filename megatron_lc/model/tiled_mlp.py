@@ -13,15 +13,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-_TILE_BYTES = 256 * 2**20
+from ..ops.cross_entropy import tokens_per_chunk
 
 
 def auto_tile_tokens(intermediate_size: int) -> int:
     """Largest power of two with ``tile x intermediate x 4 B <= 256 MiB`` (at least 128 tokens)."""
-    tile = 128
-    while tile * 2 * intermediate_size * 4 <= _TILE_BYTES:
-        tile *= 2
-    return tile
+    return tokens_per_chunk(intermediate_size, minimum=128)
 
 
 def _mlp(x, gate_w, up_w, down_w, act_fn):

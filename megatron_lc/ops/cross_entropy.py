@@ -13,12 +13,18 @@ IGNORE_INDEX = -100
 _CHUNK_BYTES = 256 * 2**20
 
 
-def auto_chunk_tokens(vocab_size: int) -> int:
-    """Largest power of two with ``chunk x vocab x 4 B <= 256 MiB`` (at least 16)."""
-    chunk = 16
-    while chunk * 2 * vocab_size * 4 <= _CHUNK_BYTES:
+def tokens_per_chunk(width: int, minimum: int = 16, budget_bytes: int = _CHUNK_BYTES) -> int:
+    """Largest power of two (at least ``minimum``) with ``tokens x width x 4 B <= budget_bytes``: the token chunk
+    whose fp32 ``[tokens, width]`` intermediate stays within the budget (256 MiB by default)."""
+    chunk = minimum
+    while chunk * 2 * width * 4 <= budget_bytes:
         chunk *= 2
     return chunk
+
+
+def auto_chunk_tokens(vocab_size: int) -> int:
+    """Largest power of two with ``chunk x vocab x 4 B <= 256 MiB`` (at least 16)."""
+    return tokens_per_chunk(vocab_size)
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):

@@ -15,7 +15,8 @@ from .ring import allgather_attention, ring_attention
 from .sequence import shard_sequence
 
 
-def _status_bytes(key: str) -> int:
+def status_bytes(key: str) -> int:
+    """A ``/proc/self/status`` memory field (VmRSS, VmHWM, ...) in bytes."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(key):
@@ -58,7 +59,7 @@ class PeakMemory:
             _release_freed_heap()
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
-            self.base = _status_bytes("VmRSS:")
+            self.base = status_bytes("VmRSS:")
         return self
 
     def __exit__(self, *exc):
@@ -66,7 +67,7 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
         else:
-            self.peak = _status_bytes("VmHWM:") - self.base
+            self.peak = status_bytes("VmHWM:") - self.base
 
 
 def measure_attention(seq_len: int, heads: int, kv_heads: int, head_dim: int, mode: str = "ring",
