@@ -199,7 +199,7 @@ def run_loss(args: argparse.Namespace) -> dict:
         if value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cp = None
+    cp, own_group = None, False
     if world > 1:  # launched by torchrun: every rank is one CP rank of one sequence
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -211,10 +211,11 @@ def run_loss(args: argparse.Namespace) -> dict:
             args.device = f"cuda:{torch.cuda.current_device()}"
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+            own_group = True
         cp = ContextParallel(init_device_mesh(device_type, (world,)), mode=args.cp_mode)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     t0 = time.perf_counter()
-    results, edges, train_length = {}, None, None
+    results, edges, train_length, cached = {}, None, None, None
     for path in args.model:
         model = load_model(path, args.dtype, args.device)
         tok = _tokenizer(args, model)
@@ -227,7 +228,10 @@ def run_loss(args: argparse.Namespace) -> dict:
         train_length = train_length or args.train_length or model.config.max_position_embeddings
         if cp is not None:
             cp.apply(model)
-        domains = _domains(args, tok, model.config.vocab_size)
+        # Every model is scored on the same tokens: encode the domains once (the tokenizer flag is shared).
+        if cached is None or cached[0] != model.config.vocab_size:
+            cached = (model.config.vocab_size, _domains(args, tok, model.config.vocab_size))
+        domains = cached[1]
         results[os.path.basename(os.path.normpath(path)) or path] = per_domain = {}
         for name, tokens in domains.items():
             windows = lbl.windows_from_tokens(tokens, seq_len, args.samples, name)
@@ -248,6 +252,9 @@ def run_loss(args: argparse.Namespace) -> dict:
         print(lbl.format_table(results, edges))
         print(f"wrote {json_path} and {png_path}")
     out["table"] = lbl.format_table(results, edges)
+    if own_group:  # a rank exiting with its group still open can abort the other at shutdown
+        dist.barrier()
+        dist.destroy_process_group()
     return out
 
 
