@@ -16,6 +16,7 @@ THETA = 1e6
 class _Cfg:
     def __init__(self, head_dim, max_pos=64):
         self.head_dim, self.rope_theta, self.max_position_embeddings = head_dim, THETA, max_pos
+        self.rope_scaling = None
 
 
 @functools.cache
