@@ -48,3 +48,35 @@ def test_niah_under_cp2_equals_one_process():
         assert [c["output"] for c in got["cells"]] == [c["output"] for c in want["cells"]]
         assert got["mean"] == want["mean"] and got["overall"] == want["overall"]
     assert any(c["output"] for c in want["cells"])  # the model said something: the comparison is not of empties
+
+
+def test_cli_under_torchrun_equals_one_process(tmp_path):
+    """`torchrun --nproc-per-node 2 -m megatron_lc.cli eval niah ...` (ring prefill + sharded-cache decode) writes the
+    niah.json of the one-process command, cell for cell; rank 0 alone prints the table."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from megatron_lc.cli import main
+    from megatron_lc.model import save_hf
+
+    save_hf(Transformer(ModelConfig(**CFG, extra={"eos_token_id": 257}), seed=7), str(tmp_path / "model"))
+    (tmp_path / "hay.txt").write_text(HAYSTACK)
+    args = ["eval", "niah", "--model", str(tmp_path / "model"), "--haystack", str(tmp_path / "hay.txt"),
+            "--lengths", "300,520", "--depths", "0,50,100", "--max-new-tokens", "8", "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                           str(port), "-m", "megatron_lc.cli", *args, "--out", str(tmp_path / "cp2")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, cp2 = (json.loads((tmp_path / d / "niah.json").read_text()) for d in ("one", "cp2"))
+    assert cp2["cp"] == 2 and one["cp"] == 1
+    assert [c["output"] for c in cp2["cells"]] == [c["output"] for c in one["cells"]]
+    assert cp2["mean"] == one["mean"]
+    assert any(c["output"] for c in one["cells"])
+    assert done.stdout.count("mean score") == 1  # printed by rank 0 only
+    assert (tmp_path / "cp2" / "niah.png").stat().st_size > 0

@@ -3,8 +3,9 @@ domain, table + plot).
 
 Models: an HF folder (config.json + safetensors, ``megatron_lc.model.load_hf``) or one of our checkpoint folders
 (``step_<N>/``, ``megatron_lc.train.convert.checkpoint_model``). Tokenizer: the demo's bytes (default) or an HF
-tokenizer.json. ``eval loss`` launched by torchrun runs context-parallel over all ranks (ring attention); ``eval
-niah`` is one process for now (a context-parallel KV-cache decode does not exist yet).
+tokenizer.json. Launched by torchrun, both run context-parallel over all ranks, so a context that does not fit one
+device is still evaluated: ``eval loss`` with ring attention, ``eval niah`` with a ring prefill and a KV cache sharded
+over the ranks (``megatron_lc.parallel.sharded_generate``).
 """
 from __future__ import annotations
 
@@ -79,6 +80,35 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="eval_out", help="output folder (default eval_out)")
 
 
+def _context_parallel(args: argparse.Namespace, mode: str):
+    """Under torchrun (WORLD_SIZE > 1) every rank is one CP rank of one sequence: returns (ContextParallel over all
+    ranks, whether we opened the process group); one process: (None, False). Sets ``args.device`` per rank on CUDA."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None, False
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from ..parallel.context_parallel import ContextParallel
+
+    device_type = "cuda" if args.device.startswith("cuda") else "cpu"
+    if device_type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        args.device = f"cuda:{torch.cuda.current_device()}"
+    own_group = not dist.is_initialized()
+    if own_group:
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    return ContextParallel(init_device_mesh(device_type, (dist.get_world_size(),)), mode=mode), own_group
+
+
+def _close(own_group: bool) -> None:
+    import torch.distributed as dist
+
+    if own_group:  # a rank exiting with its group still open can abort the other at shutdown
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 # ---- niah -------------------------------------------------------------------------------------------------------
 def add_niah_args(p: argparse.ArgumentParser) -> None:
     _add_common(p)
@@ -116,8 +146,19 @@ def run_niah(args: argparse.Namespace) -> dict:
                         "--max-new-tokens": args.max_new_tokens}.items():
         if value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
+    cp, own_group = _context_parallel(args, "ring")
     model = load_model(args.model[0], args.dtype, args.device)
     tok = _tokenizer(args, model)
+    if cp is None:
+        answer_fn = niah.model_answer_fn(model, tok, args.max_new_tokens)
+    else:  # ring prefill, then decode over each rank's shard of the KV cache
+        if model.config.dual_chunk_attention:
+            raise ConfigError("eval niah under torchrun (sharded decode) does not run Dual Chunk Attention models: run "
+                              "it in one process")
+        cp.apply(model)
+        answer_fn = niah.sharded_answer_fn(model, cp, tok, args.max_new_tokens)
+    rank0 = cp is None or cp.mesh.get_rank() == 0
+    log = (lambda line: print(line, flush=True)) if rank0 else (lambda line: None)
     train_length = args.train_length or model.config.max_position_embeddings
     if args.lengths:
         lengths = args.lengths
@@ -127,21 +168,23 @@ def run_niah(args: argparse.Namespace) -> dict:
     lengths, depths = niah.parse_grid(lengths, args.depths)
     t0 = time.perf_counter()
     haystack = niah.load_haystack(args.haystack, tok, model.config.vocab_size, args.token_dtype)
-    print(f"haystack: {len(haystack):,} tokens ({args.haystack or 'stdlib docstrings'}); grid {len(lengths)} lengths "
-          f"x {len(depths)} depths x {args.trials} trials [{time.perf_counter() - t0:.1f} s]", flush=True)
-    results = niah.run_grid(niah.model_answer_fn(model, tok, args.max_new_tokens), tok, haystack, lengths, depths,
-                            variant=args.variant, scoring=args.scoring, trials=args.trials, seed=args.seed,
-                            max_new_tokens=args.max_new_tokens, question_reserve=args.question_reserve,
-                            progress=lambda line: print(line, flush=True))
-    results.update(model=args.model[0], train_length=train_length,
+    log(f"haystack: {len(haystack):,} tokens ({args.haystack or 'stdlib docstrings'}); grid {len(lengths)} lengths "
+        f"x {len(depths)} depths x {args.trials} trials; context parallel {cp.size if cp else 1} "
+        f"[{time.perf_counter() - t0:.1f} s]")
+    results = niah.run_grid(answer_fn, tok, haystack, lengths, depths, variant=args.variant, scoring=args.scoring,
+                            trials=args.trials, seed=args.seed, max_new_tokens=args.max_new_tokens,
+                            question_reserve=args.question_reserve, progress=log)
+    results.update(model=args.model[0], train_length=train_length, cp=cp.size if cp else 1,
                    rope={"rope_theta": model.config.rope_theta, "rope_scaling": model.config.rope_scaling})
-    os.makedirs(args.out, exist_ok=True)
-    json_path, png_path = os.path.join(args.out, "niah.json"), os.path.join(args.out, "niah.png")
-    niah.write_json(results, json_path)
-    niah.plot_heatmap(results, png_path, train_length)
-    print(_niah_table(results))
-    print(f"mean score {results['overall']:.3f}; wrote {json_path} and {png_path} "
-          f"[{time.perf_counter() - t0:.1f} s]")
+    if rank0:  # every rank holds the same results: one writes them
+        os.makedirs(args.out, exist_ok=True)
+        json_path, png_path = os.path.join(args.out, "niah.json"), os.path.join(args.out, "niah.png")
+        niah.write_json(results, json_path)
+        niah.plot_heatmap(results, png_path, train_length)
+        print(_niah_table(results))
+        print(f"mean score {results['overall']:.3f}; wrote {json_path} and {png_path} "
+              f"[{time.perf_counter() - t0:.1f} s]")
+    _close(own_group)
     return results
 
 
@@ -199,20 +242,7 @@ def run_loss(args: argparse.Namespace) -> dict:
         if value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cp, own_group = None, False
-    if world > 1:  # launched by torchrun: every rank is one CP rank of one sequence
-        from torch.distributed.device_mesh import init_device_mesh
-
-        from ..parallel.context_parallel import ContextParallel
-
-        device_type = "cuda" if args.device.startswith("cuda") else "cpu"
-        if device_type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            args.device = f"cuda:{torch.cuda.current_device()}"
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-            own_group = True
-        cp = ContextParallel(init_device_mesh(device_type, (world,)), mode=args.cp_mode)
+    cp, own_group = _context_parallel(args, args.cp_mode)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     t0 = time.perf_counter()
     results, edges, train_length, cached = {}, None, None, None
@@ -252,9 +282,7 @@ def run_loss(args: argparse.Namespace) -> dict:
         print(lbl.format_table(results, edges))
         print(f"wrote {json_path} and {png_path}")
     out["table"] = lbl.format_table(results, edges)
-    if own_group:  # a rank exiting with its group still open can abort the other at shutdown
-        dist.barrier()
-        dist.destroy_process_group()
+    _close(own_group)
     return out
 
 

@@ -313,6 +313,24 @@ def model_answer_fn(model, tokenizer, max_new_tokens: int) -> AnswerFn:
     return answer
 
 
+def sharded_answer_fn(model, cp, tokenizer, max_new_tokens: int) -> AnswerFn:
+    """``answer_fn`` for a model spread over the ring ``cp`` (``cp.apply(model)`` done): ring prefill of the prompt,
+    then greedy decode over a KV cache sharded across the ranks (``generate_sharded``); every rank must call it with
+    the same prompt and gets the same text, equal to ``model_answer_fn``'s token for token."""
+    import torch
+
+    from ..parallel.sharded_generate import generate_sharded
+
+    device = next(model.parameters()).device
+
+    def answer(prompt_ids: list[int]) -> str:
+        ids = torch.tensor([prompt_ids], dtype=torch.int64, device=device)
+        out = generate_sharded(model, cp, ids, max_new_tokens, eos_token_id=tokenizer.eos_token_id)
+        return tokenizer.decode(out[0, len(prompt_ids):].tolist())
+
+    return answer
+
+
 # ---- output -----------------------------------------------------------------------------------------------------
 def write_json(results: dict, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
