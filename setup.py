@@ -18,9 +18,12 @@ setup(
         "pyyaml",
         "tqdm",
         "tensorboard",
+        "datasketch",
+        "sentencepiece",
     ],
     extras_require={
-        "dev": ["pytest", "transformers>=4.45", "ruff", "matplotlib", "triton; platform_system == 'Linux'"],
+        "dev": ["pytest", "transformers>=4.45", "ruff", "matplotlib", "triton; platform_system == 'Linux'",
+                "megatron-core"],
         "gpu": ["triton", "flash-attn", "ring-flash-attn", "liger-kernel"],
     },
     entry_points={"console_scripts": ["megatron-lc=megatron_lc.cli:main"]},

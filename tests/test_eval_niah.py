@@ -9,7 +9,7 @@ import pytest
 from megatron_lc.cli import main
 from megatron_lc.configtools import ConfigError
 from megatron_lc.eval import niah
-from megatron_lc.eval.tokenizer import Bytes
+from megatron_lc.data.tokenizer import Bytes
 
 TOK = Bytes()
 # Several sentences per line, so depths land on different sentence ends; long enough for 4K-byte contexts.

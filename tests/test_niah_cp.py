@@ -12,8 +12,8 @@ HAYSTACK = ("The river bends twice before the mill. Nobody remembers who built i
 
 
 def _run(answer_fn):
+    from megatron_lc.data.tokenizer import Bytes
     from megatron_lc.eval.niah import run_grid
-    from megatron_lc.eval.tokenizer import Bytes
 
     tokenizer = Bytes()
     return run_grid(answer_fn, tokenizer, tokenizer.encode(HAYSTACK), **GRID)
@@ -22,7 +22,7 @@ def _run(answer_fn):
 def _cp_worker(rank, world):
     from torch.distributed.device_mesh import init_device_mesh
 
-    from megatron_lc.eval.tokenizer import Bytes
+    from megatron_lc.data.tokenizer import Bytes
     from megatron_lc.parallel.context_parallel import ContextParallel
     from megatron_lc.parallel.sharded_generate import generate_sharded
 
@@ -40,8 +40,8 @@ def _cp_worker(rank, world):
 
 
 def test_niah_under_cp2_equals_one_process():
+    from megatron_lc.data.tokenizer import Bytes
     from megatron_lc.eval.niah import model_answer_fn
-    from megatron_lc.eval.tokenizer import Bytes
 
     want = _run(model_answer_fn(Transformer(ModelConfig(**CFG), seed=7).eval(), Bytes(), GRID["max_new_tokens"]))
     for got in run_distributed(_cp_worker, 2, timeout=300):

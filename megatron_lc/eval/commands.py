@@ -2,9 +2,9 @@
 domain, table + plot).
 
 Models: an HF folder (config.json + safetensors, ``megatron_lc.model.load_hf``) or one of our checkpoint folders
-(``step_<N>/``, ``megatron_lc.train.convert.checkpoint_model``). Tokenizer: the demo's bytes (default) or an HF
-tokenizer.json. Launched by torchrun, both run context-parallel over all ranks, so a context that does not fit one
-device is still evaluated: ``eval loss`` with ring attention, ``eval niah`` with a ring prefill and a KV cache sharded
+(``step_<N>/``, ``megatron_lc.train.convert.checkpoint_model``). Tokenizer (``megatron_lc.data.tokenizer``): the
+demo's bytes (default), a sentencepiece .model or an HF tokenizer.json. Launched by torchrun, both run
+context-parallel over all ranks, so a context that does not fit one device is still evaluated: ``eval loss`` with ring attention, ``eval niah`` with a ring prefill and a KV cache sharded
 over the ranks (``megatron_lc.parallel.sharded_generate``).
 """
 from __future__ import annotations
@@ -54,7 +54,7 @@ def load_model(path: str, dtype: str = "float32", device: str = "cpu"):
 
 
 def _tokenizer(args, model):
-    from .tokenizer import load_tokenizer
+    from ..data.tokenizer import load_tokenizer
 
     eos = model.config.extra.get("eos_token_id")
     if isinstance(eos, list):
@@ -70,7 +70,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, action="append",
                    help="HF folder or checkpoint folder step_<N>/ (eval loss: repeat to compare models)")
     p.add_argument("--tokenizer", default=None,
-                   help="HF tokenizer.json (or its folder); default: the demo's UTF-8 byte tokenizer")
+                   help="sentencepiece .model, HF tokenizer.json, or a folder holding either; default: the demo's "
+                        "UTF-8 byte tokenizer")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="compute dtype (default float32)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device (default: cuda if "
