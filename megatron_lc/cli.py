@@ -26,6 +26,7 @@ class Command:
 def _commands() -> dict[str, Command]:
     # Imported here, not at module top, so importing megatron_lc.cli stays cheap.
     from . import bench, demo
+    from .data import commands as data_commands
     from .eval import commands as eval_commands
     from .train import commands as train_commands
 
@@ -39,6 +40,9 @@ def _commands() -> dict[str, Command]:
         "bench": Command("benchmark the kernels of each op (bench kernels) or a training step against HF "
                          "transformers (bench train), and write a table and plot",
                          bench.add_bench_args, bench.run_bench),
+        "data": Command("prepare training data: train a tokenizer, clean and deduplicate, tokenize into .bin/.idx, "
+                        "mix by per-source length upsampling (data STAGE)", data_commands.add_data_args,
+                        data_commands.run_data),
         "eval": Command("evaluate a model: needle in a haystack over lengths x depths (eval niah) or loss by "
                         "position and domain (eval loss), with JSON, table and PNG",
                         eval_commands.add_eval_args, eval_commands.run_eval),

@@ -290,8 +290,8 @@ def _group_targets(strategy, base, natural, names, weights, total, ls, thr, doma
                                   "target_weights, lower long_threshold or set long_share=0")
             if budget[i] > 0 and share[i] < 1 and natural[i, 0] == 0:
                 raise ConfigError(f"source '{n}' has no documents of <= {thr} tokens, so its long share cannot be "
-                                  f"brought down to {ls}; pass downsample_long=False to keep its natural profile, "
-                                  "or give it weight 0 in target_weights")
+                                  f"brought down to {ls}; pass downsample_long=False (--keep-long-sources) to keep its natural "
+                                  "profile, or give it weight 0 in target_weights")
         return np.stack([budget * (1 - share), budget * share], axis=1)
     if strategy == "global_upsample":
         nat = base[:, 1].sum() / base_total
@@ -301,7 +301,7 @@ def _group_targets(strategy, base, natural, names, weights, total, ls, thr, doma
                               f"cannot reach long share {ls}; lower long_threshold or set long_share=0")
         if share < 1 and base[:, 0].sum() == 0:
             raise ConfigError(f"no document has <= {thr} tokens, so global_upsample cannot bring the long share "
-                              f"down to {ls}; pass downsample_long=False")
+                              f"down to {ls}; pass downsample_long=False (--keep-long-sources)")
         long_t = base[:, 1] / max(base[:, 1].sum(), 1e-300) * share * total
         short_t = base[:, 0] / max(base[:, 0].sum(), 1e-300) * (1 - share) * total
         return np.stack([short_t, long_t], axis=1)

@@ -1,0 +1,168 @@
+"""``megatron-lc data STAGE``: train-tokenizer, clean, tokenize, mix, bench (see ``pipeline.py`` for the flow).
+
+A typical run::
+
+    megatron-lc data clean raw/ --out work/clean
+    megatron-lc data train-tokenizer work/clean/deduped.jsonl --vocab-size 32000 --out work/tok
+    megatron-lc data tokenize work/clean/deduped.jsonl --tokenizer work/tok.model --out work/tokens
+    megatron-lc data mix work/tokens --strategy per_source_upsample --long-share 0.7 --out work/mixed
+
+and ``data.train_tokens: work/mixed`` in the training config.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from ..configtools import ConfigError
+
+
+def _weights(text: str) -> dict[str, float]:
+    out = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"--weights wants SOURCE=WEIGHT,..., got {part!r}")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--weights: {value!r} (for {name}) is not a number") from None
+    return out
+
+
+def _input_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="+", help="JSONL / JSONL.gz / Parquet files or folders of them")
+    p.add_argument("--text-key", default="text", help="field holding the text (default text)")
+    p.add_argument("--source-key", default="source",
+                   help="field naming the source/domain (default source; missing: the file name)")
+    p.add_argument("--on-error", default="skip", choices=("skip", "fail"),
+                   help="a corrupt or truncated line: report it with file and line and go on (skip, default), or "
+                        "stop (fail)")
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2)),
+                   help="worker processes (default: one per CPU; 0 runs in this process)")
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="stage", metavar="STAGE", required=True)
+
+    t = sub.add_parser("train-tokenizer", help="train a sentencepiece BPE/unigram model (byte fallback, split "
+                                               "digits, ChatML specials) on a sample of the corpus")
+    _input_args(t)
+    t.add_argument("--out", required=True, help="output prefix: writes PREFIX.model")
+    t.add_argument("--vocab-size", type=int, default=32000)
+    t.add_argument("--model-type", default="bpe", choices=("bpe", "unigram"))
+    t.add_argument("--sample-sentences", type=int, default=2_000_000,
+                   help="train on a seeded sample of this many sentences (lines) (default 2M; 0 = all)")
+    t.add_argument("--seed", type=int, default=0)
+
+    c = sub.add_parser("clean", help="360Zhinao cleaning rules, then exact, MinHash-LSH, paragraph (30%%) and "
+                                     "sentence (sqrt N) dedup; writes OUT/deduped.jsonl and OUT/clean_report.json")
+    _input_args(c)
+    c.add_argument("--out", required=True, help="output folder")
+    c.add_argument("--near-threshold", type=float, default=0.8, help="MinHash-LSH Jaccard threshold (default 0.8)")
+    c.add_argument("--paragraph-fraction", type=float, default=0.3,
+                   help="fraction of each identical-paragraph group deleted (default 0.3)")
+    c.add_argument("--no-near", action="store_true", help="skip near-duplicate document dedup")
+    c.add_argument("--no-sentence", action="store_true", help="skip sentence dedup")
+    c.add_argument("--seed", type=int, default=0)
+
+    k = sub.add_parser("tokenize", help="tokenize into a Megatron .bin/.idx dataset (EOS after each document, "
+                                        "sources in a sidecar)")
+    _input_args(k)
+    k.add_argument("--tokenizer", required=True, help="sentencepiece .model, HF tokenizer.json (or folder), or bytes")
+    k.add_argument("--eos-token-id", type=int, default=None, help="EOS id when the tokenizer does not define one")
+    k.add_argument("--out", required=True, help="output prefix: writes PREFIX.bin, PREFIX.idx and sidecars")
+
+    m = sub.add_parser("mix", help="apply a mixture strategy to a tokenized dataset: per-source length upsampling "
+                                   "(default), global, chosen domains, cut, original; report table, JSON and PNG")
+    m.add_argument("dataset", help="prefix of a dataset written by `data tokenize`")
+    m.add_argument("--out", required=True, help="output prefix")
+    m.add_argument("--strategy", default="per_source_upsample",
+                   choices=("original", "cut", "global_upsample", "per_source_upsample", "upsample_domains"))
+    m.add_argument("--long-threshold", type=int, default=4096, help="a document is long above this many tokens")
+    m.add_argument("--long-share", type=float, default=0.7, help="target share of tokens in long documents")
+    m.add_argument("--weights", type=_weights, default=None,
+                   help="target token share per source, SOURCE=W,... (default: the corpus' own shares)")
+    m.add_argument("--total-tokens", type=int, default=None, help="output size in tokens (default: the input's)")
+    m.add_argument("--domains", default="", help="comma-separated sources for upsample_domains")
+    m.add_argument("--cut-length", type=int, default=None, help="piece length for the cut strategy "
+                   "(default: --long-threshold)")
+    m.add_argument("--keep-long-sources", action="store_true",
+                   help="sources already above --long-share keep their own profile (default: brought to it)")
+    m.add_argument("--seed", type=int, default=0)
+
+    b = sub.add_parser("bench", help="tokenize+pack throughput vs the tokenizer's own batch encode, same text and "
+                                     "cores")
+    _input_args(b)
+    b.add_argument("--tokenizer", required=True)
+    b.add_argument("--eos-token-id", type=int, default=None)
+    b.add_argument("--out", required=True, help="output prefix of the dataset it writes")
+
+
+def run_data(args: argparse.Namespace):
+    from . import pipeline
+
+    if args.stage == "train-tokenizer":
+        from .documents import ReadReport, iter_documents
+        from .tokenizer import train_sentencepiece
+
+        read = ReadReport()
+        texts = (d.text for d in iter_documents(args.inputs, args.text_key, args.source_key, on_error=args.on_error,
+                                                report=read))
+        path = train_sentencepiece(texts, args.out, args.vocab_size, model_type=args.model_type,
+                                   input_sentence_size=args.sample_sentences, seed=args.seed,
+                                   num_threads=max(1, args.workers))
+        print(read.format())
+        print(f"wrote {path}")
+        return path
+    if args.stage == "clean":
+        from .dedup import DedupConfig
+
+        report = pipeline.clean_corpus(
+            args.inputs, args.out, dedup=DedupConfig(near=not args.no_near, near_threshold=args.near_threshold,
+                                                     paragraph_fraction=args.paragraph_fraction,
+                                                     sentence=not args.no_sentence, seed=args.seed),
+            workers=args.workers, text_key=args.text_key, source_key=args.source_key, on_error=args.on_error)
+        _print_clean(report)
+        return report
+    if args.stage == "tokenize":
+        report = pipeline.tokenize_corpus(args.inputs, args.tokenizer, args.out, args.workers, args.eos_token_id,
+                                          args.text_key, args.source_key, args.on_error)
+        print(f"{report['documents']:,} documents, {report['tokens']:,} tokens, {report['bytes'] / 1e6:,.1f} MB in "
+              f"{report['seconds']:.1f} s ({report['mb_per_s']:.2f} MB/s, {args.workers} workers) -> {args.out}")
+        _print_read(report["read"])
+        return report
+    if args.stage == "mix":
+        domains = [d.strip() for d in args.domains.split(",") if d.strip()]
+        report = pipeline.mix_dataset(args.dataset, args.out, args.strategy, long_threshold=args.long_threshold,
+                                      long_share=args.long_share, target_weights=args.weights,
+                                      total_tokens=args.total_tokens, upsample_domains=domains,
+                                      cut_length=args.cut_length, downsample_long=not args.keep_long_sources,
+                                      seed=args.seed)
+        print(report["table"])
+        print(f"wrote {report['output']} and the report beside it ({report['png']})")
+        return report
+    if args.stage == "bench":
+        result = pipeline.bench_tokenize(args.inputs, args.tokenizer, args.out, args.workers, args.eos_token_id,
+                                         args.text_key)
+        print(json.dumps(result))
+        print(f"tokenizer batch encode {result['library_mb_per_s']:.2f} MB/s; tokenize+pack "
+              f"{result['pipeline_mb_per_s']:.2f} MB/s ({100 * result['ratio']:.0f}%) on {args.workers} workers")
+        return result
+    raise ConfigError(f"unknown data stage {args.stage!r}")
+
+
+def _print_read(read: dict) -> None:
+    print(f"read {read['files']} files, {read['lines']:,} lines: {read['documents']:,} documents, "
+          f"{read['blank']:,} blank, {read['corrupt']:,} corrupt")
+    for line in read["corrupt_lines"][:20]:
+        print(f"  corrupt: {line}")
+
+
+def _print_clean(report: dict) -> None:
+    _print_read(report["read"])
+    cleaning, dedup = report["cleaning"], report["dedup"]
+    print("cleaning: " + json.dumps(cleaning))
+    print("dedup: " + json.dumps(dedup))
+    print(f"wrote {report['written']:,} documents to {report['output']}")

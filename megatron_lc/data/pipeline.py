@@ -1,0 +1,329 @@
+"""The data pipeline's stages, each a function from files to files with a report whose counts add up.
+
+    JSONL(.gz) --clean_corpus--> cleaned JSONL --tokenize_corpus--> PREFIX.bin/.idx --mix_dataset--> PREFIX.bin/.idx
+                 rules + dedup                    workers, +EOS              per-source length upsampling
+
+- ``clean_corpus``: the 360Zhinao rules (``clean.py``) in worker processes, then exact and MinHash-LSH document
+  dedup in this process (they need one shared index), written to ``cleaned.jsonl``; then paragraph and sentence
+  dedup (two streaming passes over that file: count, rewrite) into ``deduped.jsonl``. Memory: one hash per distinct
+  document, paragraph and sentence unit, plus the LSH index; text is streamed.
+- ``tokenize_corpus``: documents stream from the files, batches go to worker processes that run the tokenizer's own
+  batch encode, and this process appends EOS and writes them in input order (the output does not depend on the
+  number of workers) with each document's source in the sidecar.
+- ``mix_dataset``: reads the token counts and sources of a tokenized dataset, plans the mixture (``mixture.py``),
+  and writes the emitted documents in a seeded shuffled order (cut into pieces for the ``cut`` strategy), with a
+  report table, JSON and a length-histogram PNG.
+
+Past one machine, the same stages map onto datatrove's pipeline blocks and executors (see ``dedup.py``); here every
+stage runs on one machine with ``workers`` processes.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict
+
+import numpy as np
+
+from ..configtools import ConfigError
+from .documents import Document, ReadReport, iter_documents
+
+
+def _progress(total: int | None, unit: str, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=unit, unit_scale=True, desc=desc, disable=not enabled, mininterval=1.0)
+
+
+def _batches(docs: Iterable[Document], max_bytes: int, max_docs: int) -> Iterator[list[Document]]:
+    batch, size = [], 0
+    for doc in docs:
+        batch.append(doc)
+        size += len(doc.text)
+        if size >= max_bytes or len(batch) >= max_docs:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _pool(workers: int, initializer=None, initargs=()):
+    """A process pool (fork where the platform has it: workers inherit the imported modules) or None for 0."""
+    if workers < 0:
+        raise ConfigError(f"workers must be >= 0 (0 = in this process), got {workers}")
+    if workers == 0:
+        if initializer is not None:
+            initializer(*initargs)
+        return None
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    return ctx.Pool(workers, initializer=initializer, initargs=initargs)
+
+
+def _imap(pool, fn, items):
+    return map(fn, items) if pool is None else pool.imap(fn, items)
+
+
+def _write_json(path: str, data: dict) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+# ---- clean + dedup ----------------------------------------------------------------------------------------------
+_RULES = None
+
+
+def _init_rules(rules) -> None:
+    global _RULES
+    _RULES = rules
+
+
+def _failed_rules(texts: list[str]) -> list[str | None]:
+    from .clean import first_failed_rule
+
+    return [first_failed_rule(t, _RULES) for t in texts]
+
+
+def clean_corpus(inputs: list[str], out_dir: str, rules=None, dedup=None, workers: int = 2,
+                 text_key: str = "text", source_key: str = "source", on_error: str = "skip",
+                 progress: bool = True) -> dict:
+    """Clean and deduplicate ``inputs`` (JSONL files or folders) into ``out_dir/deduped.jsonl`` (records
+    ``{"text", "source"}``); returns the report (also written to ``out_dir/clean_report.json``): read counts and
+    corrupt lines, documents removed per rule, per dedup stage, and what was written; every count adds up.
+    ``rules``: ``CleaningRules`` (None: defaults); ``dedup``: ``DedupConfig`` (None: defaults)."""
+    from .clean import CleaningReport, CleaningRules
+    from .dedup import DedupConfig, DedupReport, ExactDedup, NearDedup, ParagraphDedup, SentenceDedup
+
+    rules, cfg = rules or CleaningRules(), dedup or DedupConfig()
+    os.makedirs(out_dir, exist_ok=True)
+    read, cleaning, dd = ReadReport(), CleaningReport(), DedupReport()
+    exact = ExactDedup() if cfg.exact else None
+    near = NearDedup(cfg.near_threshold, cfg.num_perm, cfg.ngram, seed=cfg.seed + 1) if cfg.near else None
+    cleaned_path, out_path = os.path.join(out_dir, "cleaned.jsonl"), os.path.join(out_dir, "deduped.jsonl")
+    t0 = time.perf_counter()
+    docs = iter_documents(inputs, text_key, source_key, on_error=on_error, report=read)
+    pool = _pool(workers, _init_rules, (rules,))
+    bar = _progress(None, "doc", "clean", progress)
+    try:
+        with open(cleaned_path + ".tmp", "w") as out:  # renamed when complete
+            batches = _batches(docs, 4 << 20, 2048)
+            for batch, failed in _imap(pool, _with_rules, batches):
+                for doc, rule in zip(batch, failed):
+                    cleaning.add(rule)
+                    if rule is not None:
+                        continue
+                    dd.documents_in += 1
+                    if exact is not None and exact.seen(doc.text):
+                        dd.exact_removed += 1
+                        continue
+                    if near is not None and near.seen(doc.text):
+                        dd.near_removed += 1
+                        continue
+                    out.write(json.dumps({"text": doc.text, "source": doc.source}, ensure_ascii=False) + "\n")
+                bar.update(len(batch))
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.close()
+            pool.join()
+    os.replace(cleaned_path + ".tmp", cleaned_path)
+
+    stages = []
+    if cfg.paragraph_fraction is not None:
+        stages.append(("paragraph", ParagraphDedup(cfg.paragraph_fraction, cfg.seed)))
+    if cfg.sentence:
+        stages.append(("sentence", SentenceDedup(cfg.sentence_min_tokens, cfg.seed)))
+    source_path = cleaned_path
+    for name, stage in stages:  # two streaming passes per stage: count every unit, then rewrite
+        for doc in iter_documents([source_path], "text", "source", on_error="fail"):
+            stage.count(doc.text)
+        target = os.path.join(out_dir, f"{name}.tmp.jsonl")
+        emptied = 0
+        with open(target, "w") as out:
+            for doc in iter_documents([source_path], "text", "source", on_error="fail"):
+                text = stage.rewrite(doc.text)
+                if not text.strip():
+                    emptied += 1
+                    continue
+                out.write(json.dumps({"text": text, "source": doc.source}, ensure_ascii=False) + "\n")
+        if name == "paragraph":
+            dd.paragraphs_in, dd.paragraphs_removed, dd.paragraph_emptied = stage.units, stage.removed, emptied
+        else:
+            dd.sentence_units_in, dd.sentence_units_removed, dd.sentence_emptied = stage.units, stage.removed, emptied
+        if source_path != cleaned_path:
+            os.remove(source_path)
+        source_path = target
+    written = 0
+    if source_path == cleaned_path:
+        import shutil
+
+        shutil.copyfile(cleaned_path, out_path)
+    else:
+        os.replace(source_path, out_path)
+    with open(out_path, "rb") as f:
+        written = sum(1 for _ in f)
+    dd.documents_out = written
+    report = {"read": read.as_dict(), "cleaning": cleaning.as_dict(), "dedup": dd.as_dict(), "written": written,
+              "output": out_path, "rules": asdict(rules), "dedup_config": asdict(cfg),
+              "seconds": round(time.perf_counter() - t0, 2)}
+    if not cleaning.consistent() or not dd.consistent() or cleaning.total != read.documents:
+        raise RuntimeError(f"clean_corpus: counts do not add up: {report}")  # a bug, never bad input
+    _write_json(os.path.join(out_dir, "clean_report.json"), report)
+    return report
+
+
+def _with_rules(batch: list[Document]) -> tuple[list[Document], list[str | None]]:
+    return batch, _failed_rules([d.text for d in batch])
+
+
+# ---- tokenize ---------------------------------------------------------------------------------------------------
+_TOKENIZER = None
+
+
+def _init_tokenizer(spec: str, eos: int | None) -> None:
+    from .tokenizer import load_tokenizer
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per worker: workers are the parallelism
+    global _TOKENIZER
+    _TOKENIZER = load_tokenizer(spec, eos)
+
+
+def _encode(batch: list[Document]) -> tuple[list[str], np.ndarray, np.ndarray, int]:
+    """(sources, flat int32 tokens, int64 lengths, UTF-8 bytes) of a batch; flat arrays pickle far faster than lists
+    of lists."""
+    ids = _TOKENIZER.encode_batch([d.text for d in batch], num_threads=1)
+    lengths = np.fromiter((len(x) for x in ids), np.int64, len(ids))
+    flat = np.concatenate([np.asarray(x, np.int32) for x in ids]) if ids else np.zeros(0, np.int32)
+    size = sum(len(d.text.encode("utf-8", "surrogatepass")) for d in batch)
+    return [d.source for d in batch], flat, lengths, size
+
+
+def tokenize_corpus(inputs: list[str], tokenizer: str, out_prefix: str, workers: int = 2, eos_token_id: int | None
+                    = None, text_key: str = "text", source_key: str = "source", on_error: str = "skip",
+                    batch_bytes: int = 1 << 20, progress: bool = True) -> dict:
+    """Tokenize ``inputs`` (JSONL files/folders) with ``tokenizer`` (a load_tokenizer spec) into ``out_prefix``
+    .bin/.idx, one document per sequence with EOS appended, sources in the sidecar. Returns the report (also in the
+    dataset's meta): documents, tokens, bytes, MB/s, read counts; empty texts are written as a lone EOS, so the
+    document count equals the read count."""
+    from .indexed import IndexedDatasetWriter
+    from .tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer, eos_token_id)
+    eos = tok.eos_token_id
+    if eos is None:
+        raise ConfigError(f"tokenizer {tokenizer} has no EOS id, and documents are packed with EOS between them: pass "
+                          f"--eos-token-id")
+    read = ReadReport()
+    docs = iter_documents(inputs, text_key, source_key, on_error=on_error, report=read)
+    t0 = time.perf_counter()
+    pool = _pool(workers, _init_tokenizer, (tokenizer, eos_token_id))
+    bar = _progress(None, "B", "tokenize", progress)
+    writer = IndexedDatasetWriter(out_prefix, vocab_size=tok.vocab_size)
+    n_docs = n_tokens = n_bytes = 0
+    try:
+        for sources, flat, lengths, size in _imap(pool, _encode, _batches(docs, batch_bytes, 100_000)):
+            ends = np.cumsum(lengths)
+            for source, end, length in zip(sources, ends, lengths):
+                doc = np.empty(length + 1, np.int32)
+                doc[:length] = flat[end - length:end]
+                doc[length] = eos
+                writer.add_document(doc, source)
+            n_docs, n_tokens, n_bytes = n_docs + len(sources), n_tokens + int(lengths.sum()) + len(sources), \
+                n_bytes + size
+            bar.update(size)
+        seconds = time.perf_counter() - t0
+        report = {"documents": n_docs, "tokens": n_tokens, "bytes": n_bytes, "seconds": round(seconds, 3),
+                  "mb_per_s": round(n_bytes / 1e6 / max(seconds, 1e-9), 3), "workers": workers,
+                  "tokenizer": tokenizer, "eos_token_id": eos, "vocab_size": tok.vocab_size, "read": read.as_dict()}
+        if n_docs != read.documents:
+            raise RuntimeError(f"tokenize_corpus: read {read.documents} documents but wrote {n_docs}")
+        if n_docs == 0:
+            raise ConfigError(f"no documents in {inputs} ({read.format()}): nothing to write")
+        writer.finalize(report)
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.close()
+            pool.join()
+    return report
+
+
+# ---- mix --------------------------------------------------------------------------------------------------------
+def mix_dataset(in_prefix: str, out_prefix: str, strategy: str = "per_source_upsample", *, long_threshold: int = 4096,
+                long_share: float = 0.7, target_weights: dict[str, float] | None = None,
+                total_tokens: int | None = None, upsample_domains: Iterable[str] = (), cut_length: int | None = None,
+                downsample_long: bool = True, seed: int = 0, report_dir: str | None = None) -> dict:
+    """Write ``out_prefix`` .bin/.idx: the documents of ``in_prefix`` (a tokenized dataset with sources) as the
+    mixture plan emits them (dropped, kept or repeated, in a seeded shuffled order; for ``cut``, cut into pieces of at
+    most ``cut_length`` tokens, each non-final piece ending in an added EOS so the packer sees a boundary). Writes
+    ``mixture.json`` (stats before/after, plan parameters), ``mixture.txt`` (the table) and ``mixture_lengths.png``
+    to ``report_dir`` (default: beside ``out_prefix``) and returns the report."""
+    from .indexed import IndexedDataset, IndexedDatasetWriter
+    from .mixture import format_report, mixture_stats, plan_mixture, plot_lengths
+
+    data = IndexedDataset(in_prefix)
+    if data.sources is None:
+        raise ConfigError(f"{in_prefix} has no sources sidecar ({data.paths['sources']}): mixing needs each "
+                          f"document's source; write it with tokenize_corpus / megatron-lc data tokenize")
+    eos = data.meta.get("eos_token_id")
+    lengths = np.asarray(data.sequence_lengths, np.int64)
+    names = np.asarray(data.source_names, dtype=object)[np.asarray(data.sources, np.int64)]
+    plan = plan_mixture(lengths, names, strategy, long_threshold=long_threshold, long_share=long_share,
+                        target_weights=target_weights, total_tokens=total_tokens, upsample_domains=upsample_domains,
+                        cut_length=cut_length, seed=seed, downsample_long=downsample_long)
+    if plan.cut_length is not None and eos is None:
+        raise ConfigError(f"{in_prefix}: its meta has no eos_token_id, which the cut strategy appends to cut pieces")
+    before, after = mixture_stats(lengths, names), mixture_stats(lengths, names, plan)
+    vocab = data.meta.get("vocab_size") or int(np.iinfo(data.dtype).max) + 1
+    with IndexedDatasetWriter(out_prefix, vocab_size=vocab) as writer:
+        for i in plan.document_indices(shuffle=True):
+            tokens, source = data.get(int(i)), str(names[i])
+            if plan.cut_length is None or len(tokens) <= plan.cut_length:
+                writer.add_document(tokens, source)
+                continue
+            step = plan.cut_length - 1  # content per non-final piece; the piece's last token is an added EOS
+            for start in range(0, len(tokens), step):
+                piece = tokens[start:start + step]
+                if start + step < len(tokens):
+                    piece = np.append(piece, eos)
+                writer.add_document(piece, source)
+        report = {"input": data.prefix, "output": writer.prefix, "plan": plan.to_dict(), "before": before,
+                  "after": after, "table": format_report(before, after)}
+        writer.finalize({**data.meta, "mixture": {k: v for k, v in report.items() if k != "table"}})
+    report_dir = report_dir or os.path.dirname(os.path.abspath(out_prefix))
+    os.makedirs(report_dir, exist_ok=True)
+    _write_json(os.path.join(report_dir, "mixture.json"), report)
+    with open(os.path.join(report_dir, "mixture.txt"), "w") as f:
+        f.write(report["table"] + "\n")
+    report["png"] = plot_lengths(lengths, names, plan, os.path.join(report_dir, "mixture_lengths.png"))
+    return report
+
+
+# ---- throughput -------------------------------------------------------------------------------------------------
+def bench_tokenize(inputs: list[str], tokenizer: str, out_prefix: str, workers: int = 2,
+                   eos_token_id: int | None = None, text_key: str = "text") -> dict:
+    """Side by side on the same text and cores: the tokenizer's own batch encode (all texts in memory, its own
+    threads = ``workers``) vs our tokenize_corpus end to end (read JSONL, encode in ``workers`` processes, pack with
+    EOS, write .bin/.idx). Returns both MB/s and their ratio."""
+    from .tokenizer import load_tokenizer
+
+    texts = [d.text for d in iter_documents(inputs, text_key, on_error="skip")]
+    size = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+    tok = load_tokenizer(tokenizer, eos_token_id)
+    if tok.__class__.__name__ == "HFTokenizerFile":
+        os.environ["RAYON_NUM_THREADS"] = str(max(1, workers))  # read once, at the library's first parallel call
+    t0 = time.perf_counter()
+    tok.encode_batch(texts, num_threads=max(1, workers))
+    library = time.perf_counter() - t0
+    ours = tokenize_corpus(inputs, tokenizer, out_prefix, workers, eos_token_id, text_key, progress=False)
+    result = {"bytes": size, "workers": workers, "tokenizer": tokenizer,
+              "library_mb_per_s": round(size / 1e6 / library, 3), "pipeline_mb_per_s": ours["mb_per_s"]}
+    result["ratio"] = round(result["pipeline_mb_per_s"] / result["library_mb_per_s"], 3)
+    return result
