@@ -13,8 +13,8 @@ import torch
 
 from dist_utils import run_distributed
 from megatron_lc.configtools import ConfigError
+from megatron_lc.data.indexed import IndexedDatasetWriter
 from megatron_lc.train.config import load_train_config
-from megatron_lc.train.data_source import write_token_file
 
 BASE = ["model.preset=tiny", "data.seq_len=32", "optim.lr=3e-3", "schedule.warmup_steps=2"]
 
@@ -25,9 +25,16 @@ def corpus(tmp_path_factory):
     d = tmp_path_factory.mktemp("corpus")
     rng = np.random.default_rng(0)
     tokens = np.tile(np.arange(64), 400) + 64 * rng.integers(0, 2, 64 * 400)
-    write_token_file(d / "train.bin", tokens, np.uint16)
-    write_token_file(d / "val.bin", np.tile(np.arange(64), 40) + 64 * rng.integers(0, 2, 64 * 40), np.uint16)
+    _write_dataset(d / "train", tokens)
+    _write_dataset(d / "val", np.tile(np.arange(64), 40) + 64 * rng.integers(0, 2, 64 * 40))
     return str(d)
+
+
+def _write_dataset(prefix, tokens, doc_len=640):
+    """The stream as an indexed dataset (prefix.bin/.idx) of documents of doc_len tokens (uint16: vocab fits)."""
+    with IndexedDatasetWriter(prefix, dtype=np.uint16) as w:
+        for start in range(0, len(tokens), doc_len):
+            w.add_document(tokens[start:start + doc_len])
 
 
 def _cfg(corpus, overrides):

@@ -120,8 +120,7 @@ def add_niah_args(p: argparse.ArgumentParser) -> None:
                    help="exact match, regex (original: sandwich.+?dolores.+?sunny) or word recall "
                         "(default: exact for value, regex for original)")
     p.add_argument("--haystack", default=None,
-                   help="text file, or .bin token file (flat uint16/uint32); default: the stdlib's docstrings")
-    p.add_argument("--token-dtype", default="auto", help="dtype of a .bin haystack (auto | uint16 | uint32)")
+                   help="text file, or a .bin/.idx token dataset (megatron_lc.data.indexed); default: the stdlib's docstrings")
     p.add_argument("--lengths", type=_int_list, default=None,
                    help="context lengths in tokens, comma-separated (default: --num-lengths evenly spaced up to "
                         "--max-length)")
@@ -168,7 +167,7 @@ def run_niah(args: argparse.Namespace) -> dict:
         lengths = [round(top * (i + 1) / args.num_lengths) for i in range(args.num_lengths)]
     lengths, depths = niah.parse_grid(lengths, args.depths)
     t0 = time.perf_counter()
-    haystack = niah.load_haystack(args.haystack, tok, model.config.vocab_size, args.token_dtype)
+    haystack = niah.load_haystack(args.haystack, tok, model.config.vocab_size)
     log(f"haystack: {len(haystack):,} tokens ({args.haystack or 'stdlib docstrings'}); grid {len(lengths)} lengths "
         f"x {len(depths)} depths x {args.trials} trials; context parallel {cp.size if cp else 1} "
         f"[{time.perf_counter() - t0:.1f} s]")
@@ -201,9 +200,8 @@ def _niah_table(results: dict) -> str:
 def add_loss_args(p: argparse.ArgumentParser) -> None:
     _add_common(p)
     p.add_argument("--data", action="append", default=None, metavar="DOMAIN=PATH",
-                   help="a domain's text file or .bin token file; repeat per domain (default: stdlib docstrings "
+                   help="a domain's text file or .bin/.idx token dataset; repeat per domain (default: stdlib docstrings "
                         "as 'docstrings' and stdlib source as 'code')")
-    p.add_argument("--token-dtype", default="auto", help="dtype of .bin files (auto | uint16 | uint32)")
     p.add_argument("--seq-len", type=int, default=None,
                    help="tokens per evaluated sequence (default: the model's max_position_embeddings)")
     p.add_argument("--bucket-size", type=int, default=None,
@@ -229,7 +227,7 @@ def _domains(args, tok, vocab_size: int) -> dict[str, list[int]]:
             raise ConfigError(f"--data {item!r}: use DOMAIN=PATH, e.g. --data book=pg19.txt")
         if not os.path.isfile(path):
             raise ConfigError(f"--data {item!r}: no such file {path}")
-        out[name] = load_haystack(path, tok, vocab_size, args.token_dtype)
+        out[name] = load_haystack(path, tok, vocab_size)
     return out
 
 

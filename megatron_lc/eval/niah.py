@@ -119,24 +119,24 @@ def default_haystack_text(max_bytes: int = 4 * 2**20) -> str:
     return "\n\n".join(build_corpus(max_bytes))
 
 
-def load_haystack(path: str | None, tokenizer, vocab_size: int | None = None, token_dtype: str = "auto") -> list[int]:
-    """Haystack tokens: ``path`` None -> the stdlib docstrings; a ``.bin`` token file (flat uint16/uint32, as
-    ``megatron_lc.train.data_source.write_token_file``) -> its ids; any other file -> its UTF-8 text, encoded."""
+def load_haystack(path: str | None, tokenizer, vocab_size: int | None = None) -> list[int]:
+    """Haystack tokens: ``path`` None -> the stdlib docstrings; a ``.bin`` or ``.idx`` file of a Megatron indexed
+    dataset (``megatron_lc.data.indexed``) -> all its documents' ids in file order (the dtype comes from the
+    ``.idx``; ids must be below ``vocab_size``); any other file -> its UTF-8 text,
+    encoded."""
     if path is None:
         return tokenizer.encode(default_haystack_text())
     if not os.path.isfile(path):
-        raise ConfigError(f"--haystack {path}: no such file; give a text file, a .bin token file, or leave it out for "
-                          f"the stdlib docstrings")
-    if path.endswith(".bin"):
-        import numpy as np
+        raise ConfigError(f"--haystack {path}: no such file; give a text file, a dataset's .bin/.idx file, or leave "
+                          f"it out for the stdlib docstrings")
+    if path.endswith((".bin", ".idx")):
+        from ..data.indexed import IndexedDataset
 
-        from ..train.data_source import token_dtype as _dtype
-
-        dtype = _dtype(vocab_size or 2**16, token_dtype)
-        if os.path.getsize(path) % dtype.itemsize:
-            raise ConfigError(f"--haystack {path}: its size is not a whole number of {dtype} tokens; pass the right "
-                              f"--token-dtype")
-        return np.fromfile(path, dtype=dtype).astype(np.int64).tolist()
+        ids = IndexedDataset(path).tokens
+        if vocab_size is not None and ids.size and int(ids.max()) >= vocab_size:
+            raise ConfigError(f"--haystack {path}: token id {int(ids.max())} is outside the model's vocabulary of "
+                              f"{vocab_size}: was the dataset written with this model's tokenizer?")
+        return ids.astype("int64").tolist()
     with open(path, encoding="utf-8", errors="replace") as f:
         return tokenizer.encode(f.read())
 

@@ -92,11 +92,20 @@ class DataSection:
     """Where tokens come from and how they are batched."""
 
     train_tokens: str = ""
-    """Token file (flat array of token ids, see megatron_lc.train.data_source) for training."""
+    """Training dataset in Megatron's indexed format: its prefix (PREFIX.bin + PREFIX.idx, as written by
+    megatron_lc.data.indexed.IndexedDatasetWriter or megatron's preprocess_data) or the path of either file."""
+    train_blend: list | None = None
+    """Instead of train_tokens: several datasets drawn by weight, [[weight, prefix], ...] (weights > 0, normalised;
+    Megatron's error-greedy interleaving)."""
     val_tokens: str | None = None
-    """Held-out token file for validation loss; None: no validation."""
-    token_dtype: str = "auto"
-    """uint16 | uint32 | auto (uint16 when the vocabulary fits, else uint32)."""
+    """Held-out dataset (prefix, .bin or .idx) for validation loss, read in file order; None: no validation."""
+    eos_token_id: int | None = None
+    """End-of-document token id for reset_position_ids / eod_mask_loss; None: the dataset meta's eos_token_id."""
+    reset_position_ids: bool = False
+    """Position ids restart at 0 after each EOS in a packed sample (each document starts at position 0)."""
+    eod_mask_loss: bool = False
+    """No loss where the input token is EOS (label -100): the first token of the next document is not predicted
+    from the previous document's EOS; predicting the EOS itself keeps its loss."""
     seq_len: int = 2048
     """Tokens per sample (the model sees seq_len inputs and seq_len aligned labels)."""
     micro_batch_size: int = 1
@@ -211,7 +220,6 @@ class TrainConfig:
         _choice("train.dtype", t.dtype, ("float32", "bfloat16"))
         _choice("train.activation_checkpointing", t.activation_checkpointing, ("none", "full", "every_k", "selective", "offload"))
         _choice("train.device", t.device, ("auto", "cpu", "cuda"))
-        _choice("data.token_dtype", d.token_dtype, ("auto", "uint16", "uint32"))
         from ..ops.dispatch import CHOICES, OPS
 
         kernels = t.kernels if isinstance(t.kernels, dict) else {op: t.kernels for op in OPS}
@@ -226,10 +234,18 @@ class TrainConfig:
         if d.seq_len < 2 or d.micro_batch_size < 1:
             raise ConfigError(f"data.seq_len must be >= 2 and data.micro_batch_size >= 1, got {d.seq_len}, "
                               f"{d.micro_batch_size}")
-        if not d.train_tokens:
-            raise ConfigError("data.train_tokens: give the training token file")
+        if bool(d.train_tokens) == bool(d.train_blend):
+            raise ConfigError("data.train_tokens / data.train_blend: give exactly one (a dataset prefix, or "
+                              "[[weight, prefix], ...])")
+        if d.train_blend is not None:
+            ok = isinstance(d.train_blend, list) and all(
+                isinstance(x, (list, tuple)) and len(x) == 2 and isinstance(x[0], (int, float))
+                and not isinstance(x[0], bool) and x[0] > 0 and isinstance(x[1], str) for x in d.train_blend)
+            if not ok:
+                raise ConfigError(f"data.train_blend must be a list of [weight > 0, dataset prefix] pairs, got "
+                                  f"{d.train_blend!r}")
         if self.eval.every and not d.val_tokens:
-            raise ConfigError("eval.every > 0 needs data.val_tokens (a held-out token file)")
+            raise ConfigError("eval.every > 0 needs data.val_tokens (a held-out dataset prefix)")
         if not 0 <= self.schedule.min_lr_ratio <= 1:
             raise ConfigError(f"schedule.min_lr_ratio must be in [0, 1], got {self.schedule.min_lr_ratio}")
         if self.schedule.warmup_steps < 0 or self.schedule.warmup_steps > t.steps:

@@ -17,12 +17,13 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from ..data.loader import Loader
 from ..model import Transformer
 from ..parallel.dims import ParallelDims
 from ..parallel.parallelize import materialize, parallelize
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .data_source import Loader, TokenFileSamples
+from .data_source import train_samples, val_samples
 from .metrics import MetricsLogger, Progress, mfu, peak_flops_per_second, peak_memory_bytes, reset_peak_memory, \
     train_flops_per_token
 from .optim import build_optimizer, build_scheduler
@@ -103,11 +104,10 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.train.steps, cfg.schedule)
         d = cfg.data
-        samples = TokenFileSamples(d.train_tokens, d.seq_len, self.model_config.vocab_size, d.token_dtype, d.seed)
+        samples = train_samples(d, self.model_config.vocab_size)
         self.dp_rank = self.flat_mesh["dp"].get_local_rank()
         self.loader = Loader(samples, d.micro_batch_size, self.dims.dp, self.dp_rank)
-        self.val_samples = (TokenFileSamples(d.val_tokens, d.seq_len, self.model_config.vocab_size, d.token_dtype,
-                                             shuffle=False) if d.val_tokens else None)
+        self.val_samples = val_samples(d, self.model_config.vocab_size)
         self.step, self.skipped, self.bad_in_row, self.tokens_seen = 0, 0, 0, 0
         self.flops_per_token = train_flops_per_token(self.model_config, d.seq_len)
         self.peak_flops = peak_flops_per_second(self.device, param_dtype or torch.float32)
