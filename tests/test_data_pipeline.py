@@ -230,3 +230,22 @@ def test_bench_reports_both_throughputs(corpus, tmp_path):
     assert result["library_mb_per_s"] > 0 and result["pipeline_mb_per_s"] > 0
     assert result["ratio"] == pytest.approx(result["pipeline_mb_per_s"] / result["library_mb_per_s"], rel=1e-9)
     assert result["bytes"] == sum(len(r["text"].encode()) for r in corpus[1] + corpus[2])
+
+
+def test_cli_clean_rules_file(tmp_path, capsys):
+    rng = random.Random(2)
+    write_jsonl(tmp_path / "in.jsonl", [{"text": prose(rng, 8)} for _ in range(5)] +
+                [{"text": "\n".join(["tiny"] * 20)}])
+    (tmp_path / "off.yaml").write_text("max_short_paragraph_ratio: null\nmax_top_ngram_char_ratio: null\n"
+                                       "max_duplicate_sentence_ratio: null\nmax_no_end_punct_ratio: null\n")
+    assert main(["data", "clean", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "a"), "--workers", "0",
+                 "--no-sentence", "--paragraph-fraction", "0"]) == 0
+    assert main(["data", "clean", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "b"), "--workers", "0",
+                 "--rules", str(tmp_path / "off.yaml"), "--no-sentence", "--paragraph-fraction", "0"]) == 0
+    kept = [json.loads((tmp_path / d / "clean_report.json").read_text())["cleaning"]["kept"] for d in "ab"]
+    assert kept == [5, 6]  # the one-word-lines document passes once its rules are off
+    (tmp_path / "bad.yaml").write_text("max_punctuaton_ratio: 0.1\n")
+    with pytest.raises(SystemExit):
+        main(["data", "clean", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "c"), "--rules",
+              str(tmp_path / "bad.yaml")])
+    assert "did you mean 'max_punctuation_ratio'" in capsys.readouterr().err

@@ -60,6 +60,8 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                                      "sentence (sqrt N) dedup; writes OUT/deduped.jsonl and OUT/clean_report.json")
     _input_args(c)
     c.add_argument("--out", required=True, help="output folder")
+    c.add_argument("--rules", default=None, help="YAML file overriding CleaningRules thresholds (megatron_lc/data/"
+                   "clean.py; a threshold set to null turns its rule off)")
     c.add_argument("--near-threshold", type=float, default=0.8, help="MinHash-LSH Jaccard threshold (default 0.8)")
     c.add_argument("--paragraph-fraction", type=float, default=0.3,
                    help="fraction of each identical-paragraph group deleted (default 0.3)")
@@ -117,10 +119,13 @@ def run_data(args: argparse.Namespace):
         print(f"wrote {path}")
         return path
     if args.stage == "clean":
+        from ..configtools import from_dict, load_yaml
+        from .clean import CleaningRules
         from .dedup import DedupConfig
 
+        rules = from_dict(CleaningRules, load_yaml(args.rules) or {}, f"--rules {args.rules}") if args.rules else None
         report = pipeline.clean_corpus(
-            args.inputs, args.out, dedup=DedupConfig(near=not args.no_near, near_threshold=args.near_threshold,
+            args.inputs, args.out, rules=rules, dedup=DedupConfig(near=not args.no_near, near_threshold=args.near_threshold,
                                                      paragraph_fraction=args.paragraph_fraction,
                                                      sentence=not args.no_sentence, seed=args.seed),
             workers=args.workers, text_key=args.text_key, source_key=args.source_key, on_error=args.on_error)
