@@ -23,7 +23,7 @@ setup(
     ],
     extras_require={
         "dev": ["pytest", "transformers>=4.45", "ruff", "matplotlib", "triton; platform_system == 'Linux'",
-                "megatron-core"],
+                "megatron-core", "pyarrow"],
         "gpu": ["triton", "flash-attn", "ring-flash-attn", "liger-kernel"],
     },
     entry_points={"console_scripts": ["megatron-lc=megatron_lc.cli:main"]},

@@ -145,7 +145,7 @@ def test_clean_corpus_report_adds_up(tmp_path):
     assert cleaning["total"] == 35 and cleaning["kept"] + sum(cleaning["removed"].values()) == 35
     assert sum(cleaning["removed"].values()) >= 2  # both spam documents
     assert dedup["exact_removed"] == 2 and dedup["near_removed"] == 1
-    out = [json.loads(line) for line in open(tmp_path / "out" / "deduped.jsonl")]
+    out = [json.loads(line) for line in (tmp_path / "out" / "deduped.jsonl").read_text().splitlines()]
     assert len(out) == report["written"] == dedup["documents_out"]
     assert dedup["documents_in"] == cleaning["kept"]
     assert {r["source"] for r in out} == {"web"}
@@ -192,7 +192,9 @@ def test_mix_cut_pieces_end_in_eos(tmp_path):
     cut = IndexedDataset(tmp_path / "cut")
     assert cut.sequence_lengths.max() <= 1024
     assert all(cut.get(i)[-1] == 257 for i in range(len(cut)))
-    content = lambda d: sum(int((d.get(i) != 257).sum()) for i in range(len(d)))  # noqa: E731
+    def content(d):
+        return sum(int((d.get(i) != 257).sum()) for i in range(len(d)))
+
     assert content(cut) == content(source)  # nothing lost, only EOS added at cuts
 
 
@@ -249,3 +251,20 @@ def test_cli_clean_rules_file(tmp_path, capsys):
         main(["data", "clean", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "c"), "--rules",
               str(tmp_path / "bad.yaml")])
     assert "did you mean 'max_punctuation_ratio'" in capsys.readouterr().err
+
+
+def test_parquet_input(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"content": ["first text", None, "third text"], "domain": ["a", "b", None]})
+    pq.write_table(table, tmp_path / "part.parquet")
+    report = ReadReport()
+    docs = list(iter_documents([str(tmp_path / "part.parquet")], text_key="content", source_key="domain",
+                               report=report))
+    assert [(d.text, d.source, d.where) for d in docs] == [("first text", "a", f"{tmp_path / 'part.parquet'}:1"),
+                                                          ("third text", "part", f"{tmp_path / 'part.parquet'}:3")]
+    assert report.corrupt == 1 and report.lines == 3 and report.documents == 2
+    assert f"{tmp_path / 'part.parquet'}:2: 'content' is NoneType" in report.corrupt_lines[0]
+    with pytest.raises(ConfigError, match="no 'text' column"):
+        list(iter_documents([str(tmp_path / "part.parquet")]))

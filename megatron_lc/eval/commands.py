@@ -175,7 +175,8 @@ def run_niah(args: argparse.Namespace) -> dict:
                             trials=args.trials, seed=args.seed, max_new_tokens=args.max_new_tokens,
                             question_reserve=args.question_reserve, progress=log)
     results.update(model=args.model[0], train_length=train_length, cp=cp.size if cp else 1,
-                   rope={"rope_theta": model.config.rope_theta, "rope_scaling": model.config.rope_scaling})
+                   rope={"rope_theta": model.config.rope_theta, "rope_scaling": model.config.rope_scaling,
+                         "dual_chunk_attention": model.config.dual_chunk_attention})
     if rank0:  # every rank holds the same results: one writes them
         os.makedirs(args.out, exist_ok=True)
         json_path, png_path = os.path.join(args.out, "niah.json"), os.path.join(args.out, "niah.png")
