@@ -268,3 +268,18 @@ def test_parquet_input(tmp_path):
     assert f"{tmp_path / 'part.parquet'}:2: 'content' is NoneType" in report.corrupt_lines[0]
     with pytest.raises(ConfigError, match="no 'text' column"):
         list(iter_documents([str(tmp_path / "part.parquet")]))
+
+
+def test_cli_train_tokenizer_then_bench(corpus, tmp_path, capsys):
+    from megatron_lc.data.tokenizer import load_tokenizer
+
+    d, books, _ = corpus
+    assert main(["data", "train-tokenizer", str(d), "--vocab-size", "400", "--out", str(tmp_path / "sp"),
+                 "--workers", "1"]) == 0
+    tok = load_tokenizer(str(tmp_path / "sp.model"))
+    assert tok.vocab_size == 400 and tok.decode(tok.encode(books[0]["text"])) == books[0]["text"]
+    assert main(["data", "bench", str(d), "--tokenizer", str(tmp_path / "sp.model"), "--out", str(tmp_path / "b"),
+                 "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "2 corrupt" in out and "tokenize+pack" in out
+    assert IndexedDataset(tmp_path / "b").meta["eos_token_id"] == tok.eos_token_id
