@@ -198,6 +198,23 @@ def test_cli_runs_dca_and_yarn_models(tmp_path, positions):
     assert [c["output"] for c in direct["cells"]] == outputs["scaled"]
     assert outputs["plain"] != outputs["scaled"]
     assert any(outputs["scaled"])
+    # The same positions given on the command line to the plain folder: the same answers.
+    flag = "--" + key.replace("_", "-")
+    assert main(["eval", "niah", "--model", str(tmp_path / "plain"), "--haystack", str(hay), "--lengths", "200,360",
+                 "--depths", "0,50,100", "--max-new-tokens", "6", "--device", "cpu", flag, json.dumps(positions[key]),
+                 "--out", str(tmp_path / "out_flag")]) == 0
+    flagged = json.loads((tmp_path / "out_flag" / "niah.json").read_text())
+    assert [c["output"] for c in flagged["cells"]] == outputs["scaled"]
+
+
+def test_cli_bad_position_flags_are_usage_errors(tmp_path, capsys):
+    folder = _tiny_model_folder(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "niah", "--model", folder, "--rope-scaling", '{"rope_type": "yarn", "factr": 4}'])
+    assert e.value.code == 2 and "rope_scaling (yarn) needs ['factor']" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "niah", "--model", folder, "--dual-chunk-attention", "{chunk_size: 8"])
+    assert e.value.code == 2 and "not JSON" in capsys.readouterr().err
 
 
 # ---- a real model ----------------------------------------------------------------------------------------------

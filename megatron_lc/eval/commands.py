@@ -34,19 +34,21 @@ def _float_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def load_model(path: str, dtype: str = "float32", device: str = "cpu"):
-    """Transformer from an HF folder or a ``step_<N>/`` checkpoint folder, in ``dtype`` on ``device``, eval mode."""
+def load_model(path: str, dtype: str = "float32", device: str = "cpu", overrides: dict | None = None):
+    """Transformer from an HF folder or a ``step_<N>/`` checkpoint folder, in ``dtype`` on ``device``, eval mode;
+    ``overrides`` replace ModelConfig fields (positions given on the command line)."""
+    overrides = overrides or {}
     if not os.path.isdir(path):
         raise ConfigError(f"--model {path}: not a folder; give an HF folder (config.json + safetensors) or a "
                           f"checkpoint folder step_<N>/")
     from ..train.convert import checkpoint_model, is_checkpoint
 
     if is_checkpoint(path):
-        model = checkpoint_model(path)
+        model = checkpoint_model(path, **overrides)
     elif os.path.isfile(os.path.join(path, "config.json")):
         from ..model import load_hf
 
-        model = load_hf(path, dtype=torch.float32)
+        model = load_hf(path, dtype=torch.float32, **overrides)
     else:
         raise ConfigError(f"--model {path}: neither an HF folder (no config.json) nor a checkpoint (no "
                           f"trainer_state.pt)")
@@ -66,6 +68,31 @@ def _tokenizer(args, model):
     return tok
 
 
+def _json_dict(text: str) -> dict | None:
+    if text.strip().lower() in ("none", "null"):
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e.msg}): {text!r}; e.g. "
+                                         "'{\"rope_type\": \"yarn\", \"factor\": 4.0}'") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"want a JSON object, got {text!r}")
+    return value
+
+
+def position_overrides(args: argparse.Namespace) -> dict:
+    """ModelConfig fields the position flags set (only the flags given)."""
+    out = {}
+    if args.rope_theta is not None:
+        out["rope_theta"] = args.rope_theta
+    if args.rope_scaling is not False:
+        out["rope_scaling"] = args.rope_scaling
+    if args.dual_chunk_attention is not False:
+        out["dual_chunk_attention"] = args.dual_chunk_attention
+    return out
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, action="append",
                    help="HF folder or checkpoint folder step_<N>/ (eval loss: repeat to compare models)")
@@ -79,6 +106,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-length", type=int, default=None,
                    help="where the dashed line goes (default: the model's max_position_embeddings)")
     p.add_argument("--out", default="eval_out", help="output folder (default eval_out)")
+    p.add_argument("--rope-theta", type=float, default=None, help="override the model's RoPE base")
+    p.add_argument("--rope-scaling", type=_json_dict, default=False, metavar="JSON",
+                   help="override rope_scaling, e.g. '{\"rope_type\": \"yarn\", \"factor\": 4.0, "
+                        "\"original_max_position_embeddings\": 32768}' (none: plain RoPE)")
+    p.add_argument("--dual-chunk-attention", type=_json_dict, default=False, metavar="JSON",
+                   help="override Dual Chunk Attention, e.g. '{\"chunk_size\": 32768, \"local_size\": 1024}' "
+                        "(none: off)")
 
 
 def _context_parallel(args: argparse.Namespace, mode: str):
@@ -147,7 +181,7 @@ def run_niah(args: argparse.Namespace) -> dict:
         if value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
     cp, own_group = _context_parallel(args, "ring")
-    model = load_model(args.model[0], args.dtype, args.device)
+    model = load_model(args.model[0], args.dtype, args.device, position_overrides(args))
     tok = _tokenizer(args, model)
     if cp is None:
         answer_fn = niah.model_answer_fn(model, tok, args.max_new_tokens)
@@ -247,7 +281,7 @@ def run_loss(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     results, edges, train_length, cached = {}, None, None, None
     for path in args.model:
-        model = load_model(path, args.dtype, args.device)
+        model = load_model(path, args.dtype, args.device, position_overrides(args))
         tok = _tokenizer(args, model)
         seq_len = args.seq_len or model.config.max_position_embeddings
         bucket = args.bucket_size or (4096 if seq_len >= 32768 else max(1, seq_len // 8))

@@ -4,6 +4,8 @@ Runs in one process: DCP reads the shards written by any number of ranks into on
 """
 from __future__ import annotations
 
+import dataclasses
+
 import os
 
 import torch
@@ -23,10 +25,11 @@ def _one_process_group() -> None:
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 
 
-def checkpoint_model(path: str) -> Transformer:
-    """The model of checkpoint ``path`` (complete, any world size it was saved with), unsharded, fp32, on CPU."""
+def checkpoint_model(path: str, **config_overrides) -> Transformer:
+    """The model of checkpoint ``path`` (complete, any world size it was saved with), unsharded, fp32, on CPU;
+    ``config_overrides`` replace ModelConfig fields (e.g. ``rope_scaling``), as in ``load_hf``."""
     state = ckpt.read_trainer_state(path)
-    config = ModelSection(**state["config"]["model"]).build()
+    config = dataclasses.replace(ModelSection(**state["config"]["model"]).build(), **config_overrides)
     _one_process_group()
     with torch.device("meta"):
         model = Transformer(config)
