@@ -388,6 +388,16 @@ class DedupReport:
         removed = self.exact_removed + self.near_removed + self.paragraph_emptied + self.sentence_emptied
         return self.documents_in == removed + self.documents_out
 
+    def record_stage(self, name: str, stage: _GroupDedup, emptied: int) -> None:
+        """Counts of a finished ``paragraph`` or ``sentence`` stage, and the documents it left empty."""
+        if name == "paragraph":
+            self.paragraphs_in, self.paragraphs_removed, self.paragraph_emptied = stage.units, stage.removed, emptied
+        elif name == "sentence":
+            self.sentence_units_in, self.sentence_units_removed, self.sentence_emptied = (stage.units, stage.removed,
+                                                                                          emptied)
+        else:
+            raise ValueError(f"unknown dedup stage {name!r}: paragraph or sentence")
+
     def as_dict(self) -> dict[str, int]:
         """All counts as a plain dict."""
         return dataclasses.asdict(self)
@@ -418,14 +428,12 @@ def dedup_corpus(docs: Sequence[str], config: DedupConfig | None = None) -> tupl
     if cfg.paragraph_fraction is not None:
         stage = ParagraphDedup(cfg.paragraph_fraction, cfg.seed)
         rewritten = _two_pass(stage, texts)
-        report.paragraphs_in, report.paragraphs_removed = stage.units, stage.removed
-        report.paragraph_emptied = sum(1 for t in rewritten if not t.strip())
         texts = [t for t in rewritten if t.strip()]
+        report.record_stage("paragraph", stage, len(rewritten) - len(texts))
     if cfg.sentence:
         stage = SentenceDedup(cfg.sentence_min_tokens, cfg.seed)
         rewritten = _two_pass(stage, texts)
-        report.sentence_units_in, report.sentence_units_removed = stage.units, stage.removed
-        report.sentence_emptied = sum(1 for t in rewritten if not t.strip())
         texts = [t for t in rewritten if t.strip()]
+        report.record_stage("sentence", stage, len(rewritten) - len(texts))
     report.documents_out = len(texts)
     return texts, report

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import shutil
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict
@@ -62,8 +63,26 @@ def _pool(workers: int, initializer=None, initargs=()):
     return ctx.Pool(workers, initializer=initializer, initargs=initargs)
 
 
-def _imap(pool, fn, items):
-    return map(fn, items) if pool is None else pool.imap(fn, items)
+def _map_batches(pool, fn, batches: Iterable[list[Document]], window: int = 8
+                 ) -> Iterator[tuple[list[Document], object]]:
+    """(batch, fn(batch)) in input order. Up to ``window`` batches are queued on the workers while this process
+    consumes the oldest, so workers keep busy while it writes; only fn's results come back (this process keeps
+    the documents it sent)."""
+    if pool is None:
+        for batch in batches:
+            yield batch, fn(batch)
+        return
+    from collections import deque
+
+    queued: deque = deque()
+    for batch in batches:
+        queued.append((batch, pool.apply_async(fn, (batch,))))
+        if len(queued) >= window:
+            done, result = queued.popleft()
+            yield done, result.get()
+    while queued:
+        done, result = queued.popleft()
+        yield done, result.get()
 
 
 def _write_json(path: str, data: dict) -> None:
@@ -82,10 +101,10 @@ def _init_rules(rules) -> None:
     _RULES = rules
 
 
-def _failed_rules(texts: list[str]) -> list[str | None]:
+def _failed_rules(batch: list[Document]) -> list[str | None]:
     from .clean import first_failed_rule
 
-    return [first_failed_rule(t, _RULES) for t in texts]
+    return [first_failed_rule(d.text, _RULES) for d in batch]
 
 
 def clean_corpus(inputs: list[str], out_dir: str, rules=None, dedup=None, workers: int = 2,
@@ -105,13 +124,13 @@ def clean_corpus(inputs: list[str], out_dir: str, rules=None, dedup=None, worker
     near = NearDedup(cfg.near_threshold, cfg.num_perm, cfg.ngram, seed=cfg.seed + 1) if cfg.near else None
     cleaned_path, out_path = os.path.join(out_dir, "cleaned.jsonl"), os.path.join(out_dir, "deduped.jsonl")
     t0 = time.perf_counter()
+    written = 0  # documents in the latest file written
     docs = iter_documents(inputs, text_key, source_key, on_error=on_error, report=read)
     pool = _pool(workers, _init_rules, (rules,))
     bar = _progress(None, "doc", "clean", progress)
     try:
         with open(cleaned_path + ".tmp", "w") as out:  # renamed when complete
-            batches = _batches(docs, 4 << 20, 2048)
-            for batch, failed in _imap(pool, _with_rules, batches):
+            for batch, failed in _map_batches(pool, _failed_rules, _batches(docs, 4 << 20, 2048)):
                 for doc, rule in zip(batch, failed):
                     cleaning.add(rule)
                     if rule is not None:
@@ -123,6 +142,7 @@ def clean_corpus(inputs: list[str], out_dir: str, rules=None, dedup=None, worker
                     if near is not None and near.seen(doc.text):
                         dd.near_removed += 1
                         continue
+                    written += 1
                     out.write(json.dumps({"text": doc.text, "source": doc.source}, ensure_ascii=False) + "\n")
                 bar.update(len(batch))
     finally:
@@ -142,30 +162,23 @@ def clean_corpus(inputs: list[str], out_dir: str, rules=None, dedup=None, worker
         for doc in iter_documents([source_path], "text", "source", on_error="fail"):
             stage.count(doc.text)
         target = os.path.join(out_dir, f"{name}.tmp.jsonl")
-        emptied = 0
+        emptied, written = 0, 0
         with open(target, "w") as out:
             for doc in iter_documents([source_path], "text", "source", on_error="fail"):
                 text = stage.rewrite(doc.text)
                 if not text.strip():
                     emptied += 1
                     continue
+                written += 1
                 out.write(json.dumps({"text": text, "source": doc.source}, ensure_ascii=False) + "\n")
-        if name == "paragraph":
-            dd.paragraphs_in, dd.paragraphs_removed, dd.paragraph_emptied = stage.units, stage.removed, emptied
-        else:
-            dd.sentence_units_in, dd.sentence_units_removed, dd.sentence_emptied = stage.units, stage.removed, emptied
+        dd.record_stage(name, stage, emptied)
         if source_path != cleaned_path:
             os.remove(source_path)
         source_path = target
-    written = 0
     if source_path == cleaned_path:
-        import shutil
-
         shutil.copyfile(cleaned_path, out_path)
     else:
         os.replace(source_path, out_path)
-    with open(out_path, "rb") as f:
-        written = sum(1 for _ in f)
     dd.documents_out = written
     report = {"read": read.as_dict(), "cleaning": cleaning.as_dict(), "dedup": dd.as_dict(), "written": written,
               "output": out_path, "rules": asdict(rules), "dedup_config": asdict(cfg),
@@ -174,10 +187,6 @@ def clean_corpus(inputs: list[str], out_dir: str, rules=None, dedup=None, worker
         raise RuntimeError(f"clean_corpus: counts do not add up: {report}")  # a bug, never bad input
     _write_json(os.path.join(out_dir, "clean_report.json"), report)
     return report
-
-
-def _with_rules(batch: list[Document]) -> tuple[list[Document], list[str | None]]:
-    return batch, _failed_rules([d.text for d in batch])
 
 
 # ---- tokenize ---------------------------------------------------------------------------------------------------
@@ -192,14 +201,14 @@ def _init_tokenizer(spec: str, eos: int | None) -> None:
     _TOKENIZER = load_tokenizer(spec, eos)
 
 
-def _encode(batch: list[Document]) -> tuple[list[str], np.ndarray, np.ndarray, int]:
-    """(sources, flat int32 tokens, int64 lengths, UTF-8 bytes) of a batch; flat arrays pickle far faster than lists
-    of lists."""
+def _encode(batch: list[Document]) -> tuple[np.ndarray, np.ndarray, int]:
+    """(flat int32 tokens, int64 lengths, UTF-8 bytes) of a batch; flat arrays pickle far faster than lists of
+    lists."""
     ids = _TOKENIZER.encode_batch([d.text for d in batch], num_threads=1)
     lengths = np.fromiter((len(x) for x in ids), np.int64, len(ids))
     flat = np.concatenate([np.asarray(x, np.int32) for x in ids]) if ids else np.zeros(0, np.int32)
     size = sum(len(d.text.encode("utf-8", "surrogatepass")) for d in batch)
-    return [d.source for d in batch], flat, lengths, size
+    return flat, lengths, size
 
 
 def tokenize_corpus(inputs: list[str], tokenizer: str, out_prefix: str, workers: int = 2, eos_token_id: int | None
@@ -225,14 +234,14 @@ def tokenize_corpus(inputs: list[str], tokenizer: str, out_prefix: str, workers:
     writer = IndexedDatasetWriter(out_prefix, vocab_size=tok.vocab_size)
     n_docs = n_tokens = n_bytes = 0
     try:
-        for sources, flat, lengths, size in _imap(pool, _encode, _batches(docs, batch_bytes, 100_000)):
+        for batch, (flat, lengths, size) in _map_batches(pool, _encode, _batches(docs, batch_bytes, 100_000)):
             ends = np.cumsum(lengths)
-            for source, end, length in zip(sources, ends, lengths):
+            for doc_in, end, length in zip(batch, ends, lengths):
                 doc = np.empty(length + 1, np.int32)
                 doc[:length] = flat[end - length:end]
                 doc[length] = eos
-                writer.add_document(doc, source)
-            n_docs, n_tokens, n_bytes = n_docs + len(sources), n_tokens + int(lengths.sum()) + len(sources), \
+                writer.add_document(doc, doc_in.source)
+            n_docs, n_tokens, n_bytes = n_docs + len(batch), n_tokens + int(lengths.sum()) + len(batch), \
                 n_bytes + size
             bar.update(size)
         seconds = time.perf_counter() - t0
