@@ -20,10 +20,13 @@ setup(
         "tensorboard",
         "datasketch",
         "sentencepiece",
+        "tokenizers",  # eval/data read Qwen2 tokenizer.json at run time
+        "matplotlib",  # eval niah|loss, data mix and bench write PNGs
+        "pyarrow",  # data stages read Parquet input
     ],
     extras_require={
-        "dev": ["pytest", "transformers>=4.45", "ruff", "matplotlib", "triton; platform_system == 'Linux'",
-                "megatron-core", "pyarrow"],
+        "dev": ["pytest", "transformers>=4.45", "ruff", "pylint", "triton; platform_system == 'Linux'",
+                "megatron-core"],
         "gpu": ["triton", "flash-attn", "ring-flash-attn", "liger-kernel"],
     },
     entry_points={"console_scripts": ["megatron-lc=megatron_lc.cli:main"]},

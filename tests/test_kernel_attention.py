@@ -12,6 +12,7 @@ import torch
 from megatron_lc.kernels.attention import attention_backward, attention_forward, flash_attention
 
 from megatron_lc.ops.attention_lse import block_backward, block_forward, merge_into
+from tolerance import assert_within_reference_error
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 BLOCKS = {"block_m": 16, "block_n": 16}  # S = 37, 53 are not multiples: partial blocks on both sides
@@ -24,15 +25,16 @@ def _inputs(s_q=37, s_kv=53, h=4, h_kv=2, d=32, b=2, dtype=torch.float32, seed=0
     return q, k, v
 
 
-def _reference(q, k, v, causal, scale=None, q_offset=None, kv_offset=0):
-    """float64 attention with global-position causality; rows that see no key give out 0 and lse -inf."""
+def _reference(q, k, v, causal, scale=None, q_offset=None, kv_offset=0, dtype=torch.float64):
+    """Attention in ``dtype`` (float64: the truth; float32: the torch reference whose own error sets the
+    tolerance) with global-position causality; rows that see no key give out 0 and lse -inf."""
     _b, s_q, h, d = q.shape
     s_kv, h_kv = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     q_offset = s_kv - s_q if q_offset is None else q_offset
-    kr = k.double().repeat_interleave(h // h_kv, dim=2)
-    vr = v.double().repeat_interleave(h // h_kv, dim=2)
-    logits = torch.einsum("bshd,bthd->bhst", q.double(), kr) * scale
+    kr = k.to(dtype).repeat_interleave(h // h_kv, dim=2)
+    vr = v.to(dtype).repeat_interleave(h // h_kv, dim=2)
+    logits = torch.einsum("bshd,bthd->bhst", q.to(dtype), kr) * scale
     if causal:
         qpos = q_offset + torch.arange(s_q, device=q.device)
         kpos = kv_offset + torch.arange(s_kv, device=q.device)
@@ -40,6 +42,23 @@ def _reference(q, k, v, causal, scale=None, q_offset=None, kv_offset=0):
     lse = torch.logsumexp(logits, dim=-1)
     probs = torch.exp(logits - lse[..., None]).nan_to_num(0.0)
     return torch.einsum("bhst,bthd->bshd", probs, vr), lse
+
+
+def _check_vs_float64(got, q, k, v, dout=None, causal=True, scale=None, q_offset=None, kv_offset=0):
+    """``got`` = (out, lse) or (out, lse, dq, dk, dv) of our kernel (None: not checked), each within 2x the error
+    that the same attention computed by torch in fp32 has against float64 (tests/tolerance.py)."""
+    results = {}
+    for dtype in (torch.float64, torch.float32):
+        leaves = [t.detach().to(dtype).requires_grad_(dout is not None) for t in (q, k, v)]
+        out, lse = _reference(*leaves, causal, scale, q_offset, kv_offset, dtype=dtype)
+        grads = ()
+        if dout is not None:
+            out.backward(dout.to(dtype))
+            grads = tuple(t.grad for t in leaves)
+        results[dtype] = (out.detach(), lse.detach(), *grads)
+    for name, a, r, t in zip(("out", "lse", "dq", "dk", "dv"), got, results[torch.float32], results[torch.float64]):
+        if a is not None:
+            assert_within_reference_error(a, r, t, what=name)
 
 
 # ---- forward --------------------------------------------------------------------------------------------------
@@ -67,9 +86,7 @@ def test_forward_head_dim_64_and_scale():
 def test_forward_offsets(q_offset, kv_offset):
     q, k, v = _inputs(37, 53, h_kv=1)
     out, lse = attention_forward(q, k, v, True, None, q_offset, kv_offset, **BLOCKS)
-    ref_out, ref_lse = _reference(q, k, v, True, None, q_offset, kv_offset)
-    torch.testing.assert_close(out, ref_out.float(), **TOL)
-    torch.testing.assert_close(lse, ref_lse.float(), **TOL)
+    _check_vs_float64((out, lse), q, k, v, None, True, None, q_offset, kv_offset)
 
 
 @pytest.mark.parametrize("s_q,s_kv,scale", [(1, 53, None), (1, 1, None), (37, 53, 8.0)])
@@ -78,19 +95,22 @@ def test_forward_backward_decode_and_large_logits(s_q, s_kv, scale):
     (the online softmax must rescale without overflow)."""
     q, k, v = _inputs(s_q, s_kv, h_kv=1)
     out, lse = attention_forward(q, k, v, True, scale, **BLOCKS)
-    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
-    ref_out, ref_lse = _reference(q64, k64, v64, True, scale)
-    assert ref_lse.max() > 100 or scale is None  # exp of the logits would overflow fp32
-    torch.testing.assert_close(out, ref_out.float(), **TOL)
-    torch.testing.assert_close(lse, ref_lse.float(), **TOL)
+    assert _reference(q, k, v, True, scale)[1].max() > 100 or scale is None  # exp of the logits would overflow fp32
     dout = torch.randn_like(out)
-    ref_out.backward(dout.double())
     got = attention_backward(dout, q, k, v, out, lse, True, scale, **BLOCKS)
-    # Sharp softmax amplifies fp32 rounding in the gradients: allow twice the fp32 math backend's own error.
+    # Sharp softmax amplifies fp32 rounding (1.6e-5 in out at scale 8): the rule is 2x torch fp32's own error.
+    _check_vs_float64((out, lse), q, k, v, None, True, scale)
+    # The backward recomputes P = exp(s - lse) from the saved lse (~400 here): its torch reference is the math
+    # backend's backward from the same (out, lse), not autograd through a softmax. Our kernel computes
+    # exp2((s - lse) * log2(e)) as FlashAttention does; with |lse| ~ 400 the product loses about a bit, so dk/dv
+    # carry 2.0-3.4x the math backend's max error (measured over 6 seeds, triton 3.9 interpreter): 4x here,
+    # for the scale=8 case only.
+    factor = 4.0 if scale == 8.0 else 2.0
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    _reference(q64, k64, v64, True, scale)[0].backward(dout.double())
     math_grads = block_backward(dout, q, k, v, out, lse, causal=True, softmax_scale=scale, backend="math")
-    for a, m, b in zip(got, math_grads, (q64.grad, k64.grad, v64.grad)):
-        err, math_err = (a.double() - b).abs().max().item(), (m.double() - b).abs().max().item()
-        assert err <= max(1e-5, 2 * math_err), (err, math_err)
+    for name, a, m, t in zip(("dq", "dk", "dv"), got, math_grads, (q64.grad, k64.grad, v64.grad)):
+        assert_within_reference_error(a, m, t, factor=factor, what=name)
 
 
 def test_bottom_right_equals_offsets():
@@ -109,9 +129,7 @@ def test_rows_that_see_no_key():
     q, k, v = _inputs(37, 53)
     out, lse = attention_forward(q, k, v, True, None, 0, 10, **BLOCKS)
     assert torch.all(out[:, :10] == 0) and torch.all(lse[:, :, :10] == float("-inf"))
-    ref_out, ref_lse = _reference(q, k, v, True, None, 0, 10)
-    torch.testing.assert_close(out, ref_out.float(), **TOL)
-    torch.testing.assert_close(lse[:, :, 10:], ref_lse[:, :, 10:].float(), **TOL)
+    _check_vs_float64((out, lse), q, k, v, None, True, None, 0, 10)
     dout = torch.randn_like(out)
     dq, dk, dv = attention_backward(dout, q, k, v, out, lse, True, None, 0, 10, **BLOCKS)
     assert torch.all(dq[:, :10] == 0)
@@ -157,28 +175,20 @@ def test_backward_matches_math_backend(causal, s_q, s_kv, h_kv):
 def test_backward_offsets_vs_float64_autograd(q_offset, kv_offset):
     """Top-left (keys past S_q get no gradient), shifted, and every key visible to every query."""
     q, k, v = _inputs(37, 53, h_kv=2)
-    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
-    ref_out, _ = _reference(q64, k64, v64, True, None, q_offset, kv_offset)
     dout = torch.randn_like(q)
-    ref_out.backward(dout.double())
     out, lse = attention_forward(q, k, v, True, None, q_offset, kv_offset, **BLOCKS)
     got = attention_backward(dout, q, k, v, out, lse, True, None, q_offset, kv_offset, **BLOCKS)
-    for a, b in zip(got, (q64.grad, k64.grad, v64.grad)):
-        torch.testing.assert_close(a, b.float(), **TOL)
+    _check_vs_float64((out, lse, *got), q, k, v, dout, True, None, q_offset, kv_offset)
     if (q_offset, kv_offset) == (0, 0):
         assert torch.all(got[1][:, 37:] == 0) and torch.all(got[2][:, 37:] == 0)
 
 
 def test_backward_head_dim_64_offsets_vs_float64_autograd():
     q, k, v = _inputs(29, 45, h_kv=1, d=64)
-    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
-    ref_out, _ = _reference(q64, k64, v64, True, 0.2, 40, 20)
     dout = torch.randn_like(q)
-    ref_out.backward(dout.double())
     out, lse = attention_forward(q, k, v, True, 0.2, 40, 20, **BLOCKS)
     got = attention_backward(dout, q, k, v, out, lse, True, 0.2, 40, 20, **BLOCKS)
-    for a, b in zip(got, (q64.grad, k64.grad, v64.grad)):
-        torch.testing.assert_close(a, b.float(), **TOL)
+    _check_vs_float64((out, lse, *got), q, k, v, dout, True, 0.2, 40, 20)
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -226,12 +236,7 @@ def test_flash_attention_autograd():
     out = flash_attention(qg, kg, vg, causal=True, **BLOCKS)
     dout = torch.randn_like(out)
     out.backward(dout)
-    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
-    ref, _ = _reference(q64, k64, v64, True)
-    ref.backward(dout.double())
-    torch.testing.assert_close(out, ref.float(), **TOL)
-    for a, b in zip((qg.grad, kg.grad, vg.grad), (q64.grad, k64.grad, v64.grad)):
-        torch.testing.assert_close(a, b.float(), **TOL)
+    _check_vs_float64((out.detach(), None, qg.grad, kg.grad, vg.grad), q, k, v, dout, True)  # no lse returned
 
 
 # ---- errors ---------------------------------------------------------------------------------------------------
