@@ -25,7 +25,7 @@ setup(
         "pyarrow",  # data stages read Parquet input
     ],
     extras_require={
-        "dev": ["pytest", "transformers>=4.45", "ruff", "pylint", "triton; platform_system == 'Linux'",
+        "dev": ["pytest", "pytest-xdist", "transformers>=4.45", "ruff", "pylint", "triton; platform_system == 'Linux'",
                 "megatron-core"],
         "gpu": ["triton", "flash-attn", "ring-flash-attn", "liger-kernel"],
     },

@@ -37,11 +37,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import require_triton_device
+from ._utils import check_inputs
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): exp2 is the native instruction
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 # ---- kernels ------------------------------------------------------------------------------------------------------
@@ -308,10 +307,7 @@ def _check(q, k, v, causal, q_offset, kv_offset):
                          f"{SUPPORTED_HEAD_DIMS} (or the block attention in megatron_lc.ops.attention_lse)")
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"query heads {q.shape[2]} are not divisible by key/value heads {k.shape[2]}")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"q, k, v must share one dtype of {SUPPORTED_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    check_inputs("attention", {"q": q, "k": k, "v": v})
     if min(q.shape[1], k.shape[1]) == 0 or q.shape[0] == 0 or q.shape[2] == 0:
         raise ValueError(f"empty attention input: q {tuple(q.shape)}, k {tuple(k.shape)}")
     if q_offset is None:
@@ -345,7 +341,6 @@ def _launch_params(q, block_m, block_n, kernel):
     for name, block in (("block_m", block_m), ("block_n", block_n)):
         if block < 16 or block & (block - 1):
             raise ValueError(f"{name}={block} must be a power of two >= 16 (tl.dot needs tiles of at least 16)")
-    require_triton_device("attention", q.device)
     return block_m, block_n, {"num_warps": warps, "num_stages": 2}
 
 

@@ -1,9 +1,10 @@
 """Triton fused linear + cross-entropy: the ``[N, V]`` logits never exist at once.
 
-- ``linear_cross_entropy(hidden, weight, labels, chunk_tokens=0, z_loss=0.0) -> (loss_sum, count)``
-- ``linear_cross_entropy_reference(hidden, weight, labels, z_loss=0.0) -> (loss_sum, count)``: plain unchunked torch.
+- ``linear_cross_entropy(hidden, weight, labels, chunk_tokens=0, z_loss=0.0, ignore_index=-100)
+  -> (loss_sum, count)``
 
-hidden ``[N, H]`` and weight ``[V, H]`` in fp32/bf16/fp16 (same dtype), labels ``[N]`` int64 with -100 ignored.
+hidden ``[N, H]`` and weight ``[V, H]`` in fp32/bf16/fp16 (same dtype), labels ``[N]`` int64 with ``ignore_index``
+(-100, as ``F.cross_entropy``) ignored.
 loss_sum (fp32 scalar) = sum over counted tokens of ``lse - logit[label]`` (+ ``z_loss * lse^2``), count int64.
 
 Structure (as Liger's fused linear-CE and our torch path ``megatron_lc.ops.cross_entropy``): per chunk of
@@ -25,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-IGNORE_INDEX = -100
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from ._utils import check_inputs
+
 CHUNK_BYTES = 256 * 2**20  # bound of the [chunk, V] logits buffer chosen by auto_chunk_tokens
 BLOCK_V = 1024  # vocab columns per loop step of one program
 
@@ -82,25 +83,24 @@ def auto_chunk_tokens(vocab_size: int, dtype: torch.dtype = torch.float32, chunk
     return chunk
 
 
-def _check(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> None:
+def _check(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> None:
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden {tuple(hidden.shape)} must be [N, H] and weight {tuple(weight.shape)} [V, H]")
     if labels.shape != hidden.shape[:1]:
         raise ValueError(f"labels {tuple(labels.shape)} must be [N] for hidden {tuple(hidden.shape)}")
-    if hidden.dtype not in SUPPORTED_DTYPES or weight.dtype != hidden.dtype:
-        raise ValueError(f"hidden {hidden.dtype} and weight {weight.dtype} must share one dtype of "
-                         f"{SUPPORTED_DTYPES}; cast them first (e.g. weight.to(hidden.dtype))")
+    check_inputs("linear cross-entropy", {"hidden": hidden, "weight": weight},
+                 hint="; cast them first (e.g. weight.to(hidden.dtype))")
     if labels.dtype != torch.int64:
         raise ValueError(f"labels must be int64, got {labels.dtype}; use labels.long()")
-    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= weight.shape[0]))
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= weight.shape[0]))
     if bad.any():
         raise ValueError(f"label {int(labels[bad][0])} is outside the vocabulary [0, {weight.shape[0]}) "
-                         f"and is not the ignore index {IGNORE_INDEX}")
+                         f"and is not the ignore index {ignore_index}")
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_tokens, z_loss, need_grad):
+    def forward(ctx, hidden, weight, labels, chunk_tokens, z_loss, ignore_index, need_grad):
         n = hidden.shape[0]
         v = weight.shape[0]
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -113,7 +113,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             y = labels[start:start + chunk_tokens].contiguous()  # [c]
             c = h.shape[0]
             logits = h @ weight.t()  # [c, V] input dtype, becomes grad_logits in place
-            _ce_rows_kernel[(c,)](logits, y, row_loss, logits.stride(0), v, float(z_loss), IGNORE_INDEX,
+            _ce_rows_kernel[(c,)](logits, y, row_loss, logits.stride(0), v, float(z_loss), ignore_index,
                                   BLOCK=BLOCK_V, HAS_Z=z_loss > 0, WRITE_GRAD=need_grad)
             loss_sum += row_loss[:c].sum()
             if need_grad:
@@ -134,40 +134,29 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         scale = grad_out.to(torch.float32)
         dh = grad_hidden * scale.to(grad_hidden.dtype) if ctx.needs_input_grad[0] else None
         dw = (grad_weight * scale).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
-        return dh, dw, None, None, None, None
+        return dh, dw, None, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 0,
-                         z_loss: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                         z_loss: float = 0.0, ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum and count of cross-entropy of ``hidden @ weight.T`` against labels, fused in token chunks.
 
-    hidden ``[N, H]``, weight ``[V, H]`` (both fp32, bf16 or fp16), labels ``[N]`` int64 (-100 ignored).
+    hidden ``[N, H]``, weight ``[V, H]`` (both fp32, bf16 or fp16), labels ``[N]`` int64 (``ignore_index`` ignored).
     chunk_tokens: tokens per chunk (0: ``auto_chunk_tokens``); z_loss > 0 adds ``z_loss * lse^2`` per token.
     Returns (loss sum fp32 scalar, count int64 scalar); gradients equal plain cross-entropy's.
     Non-contiguous hidden/weight are made contiguous (a copy).
     """
-    _check(hidden, weight, labels)
+    _check(hidden, weight, labels, ignore_index)
     if chunk_tokens < 0:
         raise ValueError(f"chunk_tokens must be >= 0 (0 = automatic), got {chunk_tokens}")
     if z_loss < 0:
         raise ValueError(f"z_loss must be >= 0, got {z_loss}")
     chunk_tokens = chunk_tokens or auto_chunk_tokens(weight.shape[0], hidden.dtype)
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    count = (labels != IGNORE_INDEX).sum()
+    count = (labels != ignore_index).sum()
     if hidden.shape[0] == 0:
         return (hidden.sum() * 0.0 + weight.sum() * 0.0).float(), count
     loss_sum = _FusedLinearCrossEntropy.apply(hidden.contiguous(), weight.contiguous(), labels, chunk_tokens,
-                                              float(z_loss), need_grad)
+                                              float(z_loss), ignore_index, need_grad)
     return loss_sum, count
 
-
-def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                                   z_loss: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain torch, unchunked (holds ``[N, V]``): same contract as ``linear_cross_entropy``, loss in fp32 out."""
-    logits = hidden @ weight.t()
-    loss = torch.nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    valid = labels != IGNORE_INDEX
-    if z_loss > 0:
-        lse = torch.logsumexp(logits, dim=-1)
-        loss = loss + z_loss * (lse * lse * valid).sum()
-    return loss.float(), valid.sum()

@@ -1,8 +1,9 @@
 """Triton RMSNorm (HF Qwen2 order) forward and backward.
 
 - ``rmsnorm(x, weight, eps) -> y``: autograd wrapper for model use.
-- ``rmsnorm_reference(x, weight, eps) -> y``: the torch math it reproduces (``megatron_lc.model.transformer.rms_norm``):
-  ``y = weight * (x.float() * rsqrt(mean(x.float()**2, -1) + eps)).to(x.dtype)``.
+
+It reproduces the torch math of ``megatron_lc.ops.rms_norm`` (the reference of its test):
+``y = weight * (x.float() * rsqrt(mean(x.float()**2, -1) + eps)).to(x.dtype)``.
 
 x ``[..., H]`` and weight ``[H]`` in fp32/bf16/fp16 (any mix); y has torch's promoted dtype of (weight, x), e.g.
 fp32 weight * bf16 x -> fp32. Statistics are fp32; the forward stores rstd ``[rows]`` fp32 for the backward.
@@ -15,9 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import require_triton_device
+from ._utils import check_inputs
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_BLOCK = 65536  # one row per program in registers; beyond this the kernel would need a loop over H
 
 
@@ -77,7 +77,7 @@ def _settings(h: int) -> tuple[int, int]:
     block = triton.next_power_of_2(h)
     if block > MAX_BLOCK:
         raise ValueError(f"hidden size {h} exceeds the RMSNorm kernel's maximum of {MAX_BLOCK}: use the torch "
-                         f"rms_norm for it")
+                         f"megatron_lc.ops.rms_norm for it")
     num_warps = 32 if block >= 32768 else 16 if block >= 8192 else 8 if block >= 2048 else 4
     return block, num_warps
 
@@ -89,15 +89,10 @@ def _rows(t: torch.Tensor, h: int) -> torch.Tensor:
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
-    for name, t in (("x", x), ("weight", weight)):
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"RMSNorm kernel: {name} dtype {t.dtype} is not supported; use one of {SUPPORTED_DTYPES}")
+    check_inputs("RMSNorm", {"x": x, "weight": weight}, same_dtype=False)  # fp32 weight * bf16 x is fine
     if weight.dim() != 1 or x.dim() == 0 or x.shape[-1] != weight.shape[0]:
         raise ValueError(f"RMSNorm kernel wants x [..., H] and weight [H], got x {tuple(x.shape)}, "
                          f"weight {tuple(weight.shape)}")
-    if x.device != weight.device:
-        raise ValueError(f"x and weight must be on one device, got {x.device}, {weight.device}")
-    require_triton_device("RMSNorm", x.device)
 
 
 def _num_programs(device: torch.device, n_rows: int) -> int:
@@ -160,14 +155,8 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim with the Triton kernels; differentiable in x and weight.
 
     x ``[..., H]`` and weight ``[H]``, each fp32/bf16/fp16; returns y ``[..., H]`` of
-    ``torch.promote_types(weight.dtype, x.dtype)`` (as ``rmsnorm_reference``). Inputs whose last dim is not
+    ``torch.promote_types(weight.dtype, x.dtype)`` (as ``megatron_lc.ops.rms_norm``). Inputs whose last dim is not
     contiguous are copied to a contiguous layout; H is limited to 65536.
     """
     return RMSNormFunction.apply(x, weight, eps)
 
-
-def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """The torch math: statistics in fp32, normalised value cast to x.dtype before the weight (HF Qwen2)."""
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(x.dtype)

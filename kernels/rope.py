@@ -1,12 +1,11 @@
 """Triton rotary position embedding: q and k rotated in one launch, NeoX half-split layout (Qwen2/HF).
 
-Same result as ``megatron_lc.model.rope.apply_rotary`` applied to q and to k (``rope_reference`` calls it):
+Same result as the torch ``megatron_lc.ops.rotary.apply_rotary_qk`` (the reference of its test):
 
 - ``rope_qk(q, k, cos, sin) -> (q_rot, k_rot)``: cos/sin already gathered, ``[B, S, D/2]`` (fp32).
 - ``rope_qk_from_table(q, k, cos_table, sin_table, position_ids) -> (q_rot, k_rot)``: fp32 tables ``[P, D/2]``
   (``RotaryEmbedding.table``) and ``position_ids [B, S]`` (int64/int32, any values in [0, P): zigzag shards,
   packed documents, DCA) gathered inside the kernel, so the ``[B, S, D/2]`` cos/sin are never materialized.
-- ``rope_reference(q, k, cos, sin)``: the torch implementation.
 
 q ``[B, S, H, D]``, k ``[B, S, H_kv, D]`` (GQA: any head counts), fp32/bf16/fp16, D even and <= 256; outputs are new
 contiguous tensors of the input shape and dtype. Inputs (q, k, cos, sin, tables, position ids, and the incoming
@@ -30,9 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import require_triton_device
+from ._utils import check_inputs
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_HEAD_DIM = 256
 
 
@@ -119,12 +117,8 @@ def _check_qk(q: torch.Tensor, k: torch.Tensor) -> None:
     d = q.shape[3]
     if d % 2 or d > MAX_HEAD_DIM or d == 0:
         raise ValueError(f"head_dim {d} is not supported by the Triton rope kernel: it must be even and in "
-                         f"[2, {MAX_HEAD_DIM}] (use megatron_lc.model.rope.apply_rotary otherwise)")
-    if q.dtype != k.dtype or q.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"q and k must share one dtype of {SUPPORTED_DTYPES}, got {q.dtype}, {k.dtype}")
-    if q.device != k.device:
-        raise ValueError(f"q and k must be on one device, got {q.device}, {k.device}")
-    require_triton_device("rope", q.device)
+                         f"[2, {MAX_HEAD_DIM}] (use megatron_lc.ops.rotary.apply_rotary_qk otherwise)")
+    check_inputs("rope", {"q": q, "k": k}, dtype_error=TypeError)
 
 
 def _check_cs(name: str, t: torch.Tensor, shape: tuple, device: torch.device) -> None:
@@ -230,10 +224,3 @@ def rope_qk_from_table(q: torch.Tensor, k: torch.Tensor, cos_table: torch.Tensor
                              f"RotaryEmbedding.table({hi + 1}, device)")
     return RopeQKFunction.apply(q, k, cos_table, sin_table, position_ids)
 
-
-def rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
-                   sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch reference: ``megatron_lc.model.rope.apply_rotary`` on q and on k (cos/sin ``[B, S, D/2]``)."""
-    from megatron_lc.model.rope import apply_rotary
-
-    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)

@@ -1,7 +1,7 @@
 """Triton SwiGLU activation ``h = silu(gate) * up`` forward and backward.
 
-- ``swiglu(gate, up) -> h``: autograd wrapper for model use.
-- ``swiglu_reference(gate, up) -> h``: the torch math it reproduces (``megatron_lc.model.transformer.swiglu``).
+- ``swiglu(gate, up) -> h``: autograd wrapper for model use; the torch math it reproduces is
+  ``megatron_lc.ops.swiglu`` (the reference of its test).
 
 gate, up ``[..., I]`` of one dtype (fp32/bf16/fp16); h has the same shape and dtype. Math is fp32 inside, stored in
 the input dtype. The backward recomputes sigmoid/silu from gate instead of saving silu (one tensor less per layer).
@@ -13,9 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import require_triton_device
+from ._utils import check_inputs
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BLOCK = 4096  # elements per program
 NUM_WARPS = 8  # 16 elements per thread
 
@@ -49,12 +48,7 @@ def _check(gate: torch.Tensor, up: torch.Tensor) -> None:
     if gate.shape != up.shape:
         raise ValueError(f"SwiGLU kernel wants gate and up of one shape [..., I], got {tuple(gate.shape)}, "
                          f"{tuple(up.shape)}")
-    if gate.dtype not in SUPPORTED_DTYPES or up.dtype != gate.dtype:
-        raise ValueError(f"SwiGLU kernel: gate {gate.dtype} and up {up.dtype} must share one dtype of "
-                         f"{SUPPORTED_DTYPES}")
-    if gate.device != up.device:
-        raise ValueError(f"gate and up must be on one device, got {gate.device}, {up.device}")
-    require_triton_device("SwiGLU", gate.device)
+    check_inputs("SwiGLU", {"gate": gate, "up": up})
 
 
 def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -99,7 +93,3 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """
     return SwiGLUFunction.apply(gate, up)
 
-
-def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """The torch math of the model's MLP activation."""
-    return torch.nn.functional.silu(gate) * up

@@ -1,8 +1,9 @@
-"""The ``megatron-lc`` command: one subcommand per job.
+"""The ``megatron-lc`` command: one subcommand per job, in one flat table (``COMMANDS``).
 
-Every subcommand is one entry of ``_commands()``: a help line, a function that adds its flags to an argparse
-parser, and a function that runs it from the parsed namespace. Later jobs (train, convert, data, eval, bench) are
-added there and nowhere else; ``megatron-lc --help`` lists exactly what exists.
+Each entry is a help line, a function that adds its flags to an argparse parser, and a function that runs it from
+the parsed namespace; they live in each package's ``cli.py`` (the demo is an app of its own). A new job is one
+entry here; ``megatron-lc --help`` lists exactly what exists. Nothing imports this module: it is the entry point
+(``megatron-lc``, ``python -m megatron_lc.cli``, ``torchrun -m megatron_lc.cli train ...``).
 """
 from __future__ import annotations
 
@@ -12,8 +13,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import __version__
+from . import __version__, demo
+from .bench import cli as bench_cli
+from .checkpoint import cli as checkpoint_cli
 from .configtools import ConfigError
+from .data import cli as data_cli
+from .eval import cli as eval_cli
+from .train import cli as train_cli
 
 
 @dataclass(frozen=True)
@@ -23,39 +29,31 @@ class Command:
     run: Callable[[argparse.Namespace], Any]  # a return value other than an int exit status means success
 
 
-def _commands() -> dict[str, Command]:
-    # Imported here, not at module top, so importing megatron_lc.cli stays cheap.
-    from . import bench, demo
-    from .data import commands as data_commands
-    from .eval import commands as eval_commands
-    from .train import commands as train_commands
-
-    return {
-        "demo": Command("train a 3M-parameter model on the stdlib's docstrings for a few minutes on CPU, "
-                        "then generate", demo.add_demo_args, demo.run_demo),
-        "train": Command("train a model from a YAML config (one process, or every process of torchrun)",
-                         train_commands.add_train_args, train_commands.run_train),
-        "convert": Command("convert between our checkpoints (step_<N>/) and HF Qwen2 folders",
-                           train_commands.add_convert_args, train_commands.run_convert),
-        "bench": Command("benchmark the kernels of each op (bench kernels) or a training step against HF "
-                         "transformers (bench train), and write a table and plot",
-                         bench.add_bench_args, bench.run_bench),
-        "data": Command("prepare training data: train a tokenizer, clean and deduplicate, tokenize into .bin/.idx, "
-                        "mix by per-source length upsampling (data STAGE)", data_commands.add_data_args,
-                        data_commands.run_data),
-        "eval": Command("evaluate a model: needle in a haystack over lengths x depths (eval niah) or loss by "
-                        "position and domain (eval loss), with JSON, table and PNG",
-                        eval_commands.add_eval_args, eval_commands.run_eval),
-    }
+COMMANDS: dict[str, Command] = {
+    "demo": Command("train a 3M-parameter model on the stdlib's docstrings for a few minutes on CPU, then generate",
+                    demo.add_demo_args, demo.run_demo),
+    "train": Command("train a model from a YAML config (one process, or every process of torchrun)",
+                     train_cli.add_train_args, train_cli.run_train),
+    "convert": Command("convert between our checkpoints (step_<N>/) and HF Qwen2 folders",
+                       checkpoint_cli.add_convert_args, checkpoint_cli.run_convert),
+    "bench": Command("benchmark the kernels of each op (bench kernels), a training step against HF transformers "
+                     "(bench train), context-parallel attention (bench cp) or tokenization (bench data), and write "
+                     "a table and plot", bench_cli.add_bench_args, bench_cli.run_bench),
+    "data": Command("prepare training data: train a tokenizer, clean and deduplicate, tokenize into .bin/.idx, mix "
+                    "by per-source length upsampling (data STAGE)", data_cli.add_data_args, data_cli.run_data),
+    "eval": Command("evaluate a model: needle in a haystack over lengths x depths (eval niah) or loss by position "
+                    "and domain (eval loss), with JSON, table and PNG", eval_cli.add_eval_args, eval_cli.run_eval),
+}
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The top-level parser and each subcommand's parser (for errors prefixed by the subcommand)."""
-    parser = argparse.ArgumentParser(prog="megatron-lc", description="Long-context LLM training for Qwen2-style models.")
+    parser = argparse.ArgumentParser(prog="megatron-lc",
+                                     description="Long-context LLM training for Qwen2-style models.")
     parser.add_argument("--version", action="version", version=f"megatron-lc {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers = {}
-    for name, command in _commands().items():
+    for name, command in COMMANDS.items():
         p = sub.add_parser(name, help=command.help, description=command.help[0].upper() + command.help[1:] + ".")
         command.add_args(p)
         subparsers[name] = p
@@ -70,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        status = _commands()[args.command].run(args)
+        status = COMMANDS[args.command].run(args)
     except ConfigError as e:  # a bad flag value: usage error (exit 2) naming the flag, no traceback
         subparsers[args.command].error(str(e))
     return status if isinstance(status, int) else 0

@@ -1,109 +1,36 @@
 """``megatron-lc demo``: train the ``demo`` preset (~3M parameters) on CPU for a few minutes, then generate.
 
-The text is the docstrings of the Python standard library, so nothing is downloaded; tokens are raw UTF-8 bytes.
-The loop is deliberately plain (one process, fp32, AdamW, warmup + cosine, grad clipping): it shows the model,
-the aligned-label loss and generation working end to end, not the trainer of later issues.
+The text is the docstrings of the Python standard library (megatron_lc.data.stdlib_text), so nothing is
+downloaded; tokens are raw UTF-8 bytes (megatron_lc.data.tokenizer.Bytes). The loop is deliberately plain (one
+process, fp32, gradient clipping) around the trainer's parts: AdamW and the warmup + cosine schedule of
+megatron_lc.train.optim, the progress line and JSONL log of megatron_lc.train.metrics. It shows the model, the
+aligned-label loss and generation working end to end; ``megatron-lc train`` is the distributed trainer.
 """
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import sys
-import sysconfig
 import time
-import tokenize
-import warnings
-from collections.abc import Iterable
 
 import torch
 
 from .configtools import ConfigError
+from .data.stdlib_text import stdlib_docstrings
+from .data.tokenizer import Bytes
+from .eval.loss_by_length import windows_from_tokens
 from .model import Transformer, generate, preset_config, save_hf
+from .train.config import OptimSection, ScheduleSection
+from .train.metrics import MetricsLogger, Progress
+from .train.optim import build_optimizer, build_scheduler
 
 
-class ByteTokenizer:
-    """Demo-only tokenizer: token id = UTF-8 byte value (0..255), plus special ids 256..258.
-
-    The real tokenizers (HF tokenizer files) come with the data pipeline; this exists so the demo needs nothing.
-    """
-
-    BOS = 256
-    EOS = 257  # also the document separator in packed training text
-    PAD = 258
-    vocab_size = 260  # the demo preset's embedding rows; id 259 is unused
-
-    def encode(self, text: str) -> list[int]:
-        """str -> byte ids (no special tokens added)."""
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids: Iterable[int]) -> str:
-        """ids (ints or a 1-D tensor) -> str; special ids are skipped, invalid UTF-8 becomes U+FFFD."""
-        return bytes(i for i in (int(t) for t in ids) if 0 <= i < 256).decode("utf-8", errors="replace")
-
-
-# ---- corpus -----------------------------------------------------------------------------------------------------
-_SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__"}
-_DOC_NODES = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
-
-
-def stdlib_files() -> list[str]:
-    """Paths of the standard library's .py files outside test/idle/site-packages folders, in sorted order."""
-    root = sysconfig.get_paths()["stdlib"]
-    paths = []
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if d not in _SKIP_DIRS]
-        paths += [os.path.join(folder, f) for f in files if f.endswith(".py")]
-    # Sort by the path relative to the root with "/" separators, so the order does not depend on the OS walk.
-    return sorted(paths, key=lambda p: os.path.relpath(p, root).replace(os.sep, "/"))
-
-
-def build_corpus(max_bytes: int = 8 * 2**20) -> list[str]:
-    """Module/class/function docstrings of the standard library, as a list of documents (str).
-
-    Files are read in sorted order and documents taken until their UTF-8 size would pass ``max_bytes``, so the
-    same Python gives the same list. Exact duplicates are dropped (boilerplate such as the codec modules' would
-    otherwise appear in both the train and the validation split). Files that fail to read or parse are skipped.
-    """
-    if max_bytes <= 0:
-        raise ValueError(f"max_bytes must be positive, got {max_bytes}")
-    docs: list[str] = []
-    seen: set[str] = set()
-    total = 0
-    for path in stdlib_files():
-        try:
-            with tokenize.open(path) as f:  # honours a file's coding cookie
-                source = f.read()
-            with warnings.catch_warnings():  # e.g. SyntaxWarning for invalid escapes in old modules
-                warnings.simplefilter("ignore")
-                tree = ast.parse(source, filename=path)
-        except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
-            continue
-        for node in ast.walk(tree):
-            if not isinstance(node, _DOC_NODES):
-                continue
-            doc = ast.get_docstring(node)
-            if not doc or doc in seen:
-                continue
-            size = len(doc.encode("utf-8"))
-            if total + size > max_bytes:
-                return docs
-            seen.add(doc)
-            docs.append(doc)
-            total += size
-    if not docs:
-        raise RuntimeError(f"no docstrings found under {sysconfig.get_paths()['stdlib']}: this Python ships no "
-                           f".py sources for its standard library, so the demo has no text to train on")
-    return docs
-
-
-def pack(docs: list[str], tokenizer: ByteTokenizer) -> torch.Tensor:
+def pack(docs: list[str], tokenizer: Bytes) -> torch.Tensor:
     """Documents -> one int64 tensor ``[N]`` of byte ids, each document followed by EOS."""
-    eos = torch.tensor([tokenizer.EOS], dtype=torch.int64)
+    eos = torch.tensor([tokenizer.eos_token_id], dtype=torch.int64)
     parts = []
     for doc in docs:
         parts.append(torch.frombuffer(bytearray(doc.encode("utf-8")), dtype=torch.uint8).to(torch.int64))
@@ -122,13 +49,6 @@ def sample_batch(tokens: torch.Tensor, batch_size: int, seq_len: int,
     return windows[:, :-1], windows[:, 1:]
 
 
-def eval_windows(tokens: torch.Tensor, seq_len: int, n: int) -> torch.Tensor:
-    """The first ``n`` consecutive windows of ``seq_len + 1`` tokens of ``tokens [N]``, as ``[n, S+1]`` int64
-    (adjacent windows share one token, so every token but the first is a target once)."""
-    n = min(n, (len(tokens) - 1) // seq_len)
-    return torch.stack([tokens[i * seq_len:i * seq_len + seq_len + 1] for i in range(n)])
-
-
 @torch.no_grad()
 def evaluate(model: Transformer, windows: torch.Tensor, batch_size: int) -> float:
     """Mean next-token loss (nats per byte) over every target of ``windows [n, S+1]``."""
@@ -141,26 +61,6 @@ def evaluate(model: Transformer, windows: torch.Tensor, batch_size: int) -> floa
         count += int(c)
     model.train(was_training)
     return loss_sum / count
-
-
-# ---- optimisation -----------------------------------------------------------------------------------------------
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1) -> torch.optim.AdamW:
-    """AdamW with decay on matrices only: norms and biases (dim < 2) are not pulled towards zero."""
-    params = [p for p in model.parameters() if p.requires_grad]  # tied lm_head/embed appears once
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
-
-
-def lr_at(step: int, total: int, peak: float, warmup: int, floor: float = 0.1) -> float:
-    """Learning rate of 0-based ``step``: linear warmup to ``peak`` over ``warmup`` steps, then cosine down to
-    ``floor * peak`` at the last step."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - 1 - warmup)
-    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 # ---- CLI --------------------------------------------------------------------------------------------------------
@@ -194,7 +94,7 @@ def add_demo_args(parser: argparse.ArgumentParser) -> None:
                              "model this small turns into loops")
     parser.add_argument("--out", default=None,
                         help="folder for the final model (HF format, load with megatron_lc.model.load_hf) and "
-                             "metrics.jsonl")
+                             "metrics.jsonl (the trainer's record format; replaced on each run)")
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -217,41 +117,11 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigError("--prompt must not be empty")
 
 
-def _clock(seconds: float) -> str:
-    seconds = round(seconds)
-    return f"{seconds // 60}:{seconds % 60:02d}"
-
-
-class _Progress:
-    """One status line rewritten in place on a terminal; every ``every``-th update printed as a line otherwise."""
-
-    def __init__(self, every: int, stream=None):
-        self.stream = stream or sys.stdout
-        self.tty = self.stream.isatty()
-        self.every = every
-        self.width = 0  # length of the line now on screen (terminal only)
-
-    def update(self, step: int, line: str, force: bool = False) -> None:
-        if self.tty:
-            self.stream.write("\r" + line.ljust(self.width))
-            self.width = len(line)
-            self.stream.flush()
-        elif force or step % self.every == 0:
-            print(line, file=self.stream, flush=True)
-
-    def message(self, line: str) -> None:
-        """A line of its own (validation loss, notes), kept above the status line."""
-        if self.tty and self.width:
-            self.stream.write("\n")
-            self.width = 0
-        print(line, file=self.stream, flush=True)
-
-
 def generate_samples(model: Transformer, prompts: list[str], max_new_tokens: int, temperature: float = 0.0,
                      seed: int = 0) -> dict[str, str]:
     """Continue each prompt (greedy at temperature 0) until EOS or ``max_new_tokens`` bytes; print and return
     ``{prompt: text}``, the text including its prompt."""
-    tok = ByteTokenizer()
+    tok = Bytes()
     mode = "greedy" if temperature == 0 else f"temperature {temperature:g}"
     hint = ": a model this small repeats itself when greedy" if temperature == 0 else ":"
     print(f"\ngenerating ({mode}, up to {max_new_tokens} bytes, stops at end of docstring){hint}")
@@ -259,26 +129,18 @@ def generate_samples(model: Transformer, prompts: list[str], max_new_tokens: int
     samples = {}
     for prompt in prompts:
         # Documents follow an EOS in the packed training text, so EOS + prompt reads as "a docstring starts".
-        ids = torch.tensor([[tok.EOS] + tok.encode(prompt)])
-        out = generate(model, ids, max_new_tokens, temperature=temperature, eos_token_id=tok.EOS, generator=gen)
+        ids = torch.tensor([[tok.eos_token_id] + tok.encode(prompt)])
+        out = generate(model, ids, max_new_tokens, temperature=temperature, eos_token_id=tok.eos_token_id,
+                       generator=gen)
         samples[prompt] = tok.decode(out[0])
         print(f"--- {prompt!r}\n{samples[prompt]}")
     return samples
 
 
-def run_demo(args: argparse.Namespace) -> dict:
-    """Train the demo preset on stdlib docstrings, evaluate, generate; print progress to stdout.
-
-    ``args`` holds the fields of ``add_demo_args``. Returns a dict: ``initial_val_loss``, ``final_val_loss``
-    (nats per byte), ``val_losses`` [(step, loss)], ``steps`` (done), ``planned_steps``, ``stopped_early``,
-    ``tokens_per_s`` (training tokens over training time, evaluation excluded), ``train_seconds``,
-    ``samples`` {prompt: generated text including the prompt}, and ``model`` (the trained Transformer, fp32).
-    """
-    _check_args(args)
-    tok = ByteTokenizer()
+def _split_corpus(args: argparse.Namespace, tok: Bytes) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stdlib docstrings packed as training bytes ``[N]`` and validation windows ``[n, S+1]`` (int64)."""
     t0 = time.perf_counter()
-
-    docs = build_corpus(int(args.corpus_mb * 1e6))
+    docs = stdlib_docstrings(int(args.corpus_mb * 1e6))
     if len(docs) < 2:
         raise ConfigError(f"--corpus-mb {args.corpus_mb} holds {len(docs)} docstring(s); need at least 2 "
                           f"(one for training, one for validation)")
@@ -288,107 +150,116 @@ def run_demo(args: argparse.Namespace) -> dict:
     if len(train_tokens) <= args.seq_len or len(val_tokens) <= args.seq_len:
         raise ConfigError(f"--seq-len {args.seq_len} is longer than the text: {len(train_tokens):,} training and "
                           f"{len(val_tokens):,} validation bytes; lower --seq-len or raise --corpus-mb")
-    val = eval_windows(val_tokens, args.seq_len, args.eval_windows)
+    # Consecutive windows from the start of the validation text, as many as it holds up to --eval-windows.
+    val = windows_from_tokens(val_tokens, args.seq_len, min(args.eval_windows, (len(val_tokens) - 1) // args.seq_len))
     print(f"corpus: {len(docs):,} stdlib docstrings, {len(train_tokens):,} training bytes, "
           f"{len(val_tokens):,} validation bytes ({n_val} documents; {len(val)} windows of {args.seq_len} evaluated) "
           f"[{time.perf_counter() - t0:.1f} s]")
+    return train_tokens, val
 
-    # The byte ids of the specials go into config.json, so a saved folder says how to read its vocabulary.
-    config = dataclasses.replace(preset_config("demo"),
-                                 extra={"bos_token_id": tok.BOS, "eos_token_id": tok.EOS, "pad_token_id": tok.PAD})
-    model = Transformer(config, seed=args.seed).float().train()
-    optimizer = make_optimizer(model, args.lr)
+
+def _open_log(args: argparse.Namespace, stack: contextlib.ExitStack):
+    """``log(step, metrics)`` writing ``--out``/metrics.jsonl (a fresh file per run), or doing nothing."""
+    if not args.out:
+        return lambda step, metrics: None
+    path = os.path.join(args.out, "metrics.jsonl")
+    if os.path.exists(path):
+        os.remove(path)  # MetricsLogger appends (for resumed runs); a demo run starts its log anew
+    return stack.enter_context(MetricsLogger(args.out, rank=0, tensorboard=False)).log
+
+
+def _train(args: argparse.Namespace, model: Transformer, train_tokens: torch.Tensor, val: torch.Tensor,
+           log) -> dict:
+    """The training loop: AdamW + warmup/cosine, clipping at 1.0, evaluation every ``--eval-every`` steps, a stop
+    at ``--minutes``. Returns the run's numbers (the keys of run_demo's result except samples and model)."""
     warmup = max(1, round(0.05 * args.steps))
+    optimizer = build_optimizer(model, OptimSection(lr=args.lr, weight_decay=0.1))
+    scheduler = build_scheduler(optimizer, args.steps,
+                                ScheduleSection(kind="cosine", warmup_steps=warmup, min_lr_ratio=0.1))
     gen = torch.Generator().manual_seed(args.seed)
     tokens_per_step = args.batch_size * args.seq_len
-    print(f"model: demo preset, {config.num_params():,} parameters, fp32, {torch.get_num_threads()} threads; "
+    print(f"model: demo preset, {model.config.num_params():,} parameters, fp32, {torch.get_num_threads()} threads; "
           f"{args.steps} steps x {args.batch_size} x {args.seq_len} tokens, lr {args.lr:g} "
           f"(warmup {warmup}, cosine to {0.1 * args.lr:g})"
           + (f", stopping after {args.minutes:g} min" if args.minutes else ""))
+    width, vocab = len(str(args.steps)), model.config.vocab_size
+    val_losses = [(0, evaluate(model, val, args.batch_size))]
+    print(f"step {0:>{width}}/{args.steps}  val loss {val_losses[0][1]:.4f}  "
+          f"(uniform over {vocab} ids: {math.log(vocab):.4f})", flush=True)
+    log(0, {"val/loss": val_losses[0][1]})
 
+    # The ETA counts from here (evaluations included), capped by the time --minutes leaves.
+    limit = args.minutes * 60 if args.minutes else None
+    progress = Progress(args.steps, rank=0, stream=sys.stdout, every_seconds=1.0 if sys.stdout.isatty() else 10.0,
+                        time_limit_s=limit)
+    ema = ema_weight = train_seconds = 0.0
+    step, stopped_early, start = 0, False, time.perf_counter()
+    while step < args.steps:
+        t_step = time.perf_counter()
+        lr = scheduler.get_last_lr()[0]
+        input_ids, labels = sample_batch(train_tokens, args.batch_size, args.seq_len, gen)
+        loss = model(input_ids, labels=labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        train_seconds += time.perf_counter() - t_step
+
+        loss_value = loss.detach().item()
+        ema, ema_weight = 0.9 * ema + 0.1 * loss_value, 0.9 * ema_weight + 0.1
+        elapsed = time.perf_counter() - start
+        record = {"train/loss": loss_value, "train/lr": lr, "train/grad_norm": grad_norm,
+                  "train/tokens_per_second": step * tokens_per_step / train_seconds, "train/elapsed_seconds": elapsed}
+        progress.update(step, {**record, "train/loss": ema / ema_weight})
+        out_of_time = limit is not None and elapsed >= limit
+        if step % args.eval_every == 0 or step == args.steps or out_of_time:
+            val_losses.append((step, evaluate(model, val, args.batch_size)))
+            progress.message(f"step {step:>{width}}/{args.steps}  val loss {val_losses[-1][1]:.4f}")
+            record["val/loss"] = val_losses[-1][1]
+        log(step, record)
+        if out_of_time and step < args.steps:
+            stopped_early = True
+            progress.message(f"stopped at step {step}/{args.steps}: --minutes {args.minutes:g} reached")
+            break
+    tokens_per_s = step * tokens_per_step / train_seconds
+    progress.message(f"trained {step} steps in {time.perf_counter() - start:.0f} s: val loss "
+                     f"{val_losses[0][1]:.4f} -> {val_losses[-1][1]:.4f} nats/byte "
+                     f"({val_losses[-1][1] / math.log(2):.2f} bits/byte), {tokens_per_s:,.0f} tok/s")
+    return {"initial_val_loss": val_losses[0][1], "final_val_loss": val_losses[-1][1], "val_losses": val_losses,
+            "steps": step, "planned_steps": args.steps, "stopped_early": stopped_early,
+            "tokens_per_s": tokens_per_s, "train_seconds": train_seconds}
+
+
+def run_demo(args: argparse.Namespace) -> dict:
+    """Train the demo preset on stdlib docstrings, evaluate, generate; print progress to stdout.
+
+    ``args`` holds the fields of ``add_demo_args``. Returns a dict: ``initial_val_loss``, ``final_val_loss``
+    (nats per byte), ``val_losses`` [(step, loss)], ``steps`` (done), ``planned_steps``, ``stopped_early``,
+    ``tokens_per_s`` (training tokens over training time, evaluation excluded), ``train_seconds``,
+    ``samples`` {prompt: generated text including the prompt}, and ``model`` (the trained Transformer, fp32).
+    With ``--out``, metrics.jsonl holds MetricsLogger records: ``val/loss`` at step 0, ``train/*`` (and
+    ``val/loss`` at evaluations) per step, then a last record of ``final/*`` (initial_val_loss, val_loss,
+    tokens_per_second).
+    """
+    _check_args(args)
+    tok = Bytes()
+    train_tokens, val = _split_corpus(args, tok)
+    # The byte ids of the specials go into config.json, so a saved folder says how to read its vocabulary.
+    config = dataclasses.replace(preset_config("demo"), extra={
+        "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id})
+    model = Transformer(config, seed=args.seed).float().train()
     with contextlib.ExitStack() as stack:  # closes metrics.jsonl however the run ends
-        metrics = None
-        if args.out:
-            os.makedirs(args.out, exist_ok=True)
-            metrics = stack.enter_context(open(os.path.join(args.out, "metrics.jsonl"), "w"))
-
-        def log(record: dict) -> None:
-            if metrics is not None:
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-
-        progress = _Progress(every=max(1, args.steps // 20))
-        width = len(str(args.steps))
-        val_losses = [(0, evaluate(model, val, args.batch_size))]
-        progress.message(f"step {0:>{width}}/{args.steps}  val loss {val_losses[0][1]:.4f}  "
-                         f"(uniform over {config.vocab_size} ids: {math.log(config.vocab_size):.4f})")
-        log({"kind": "eval", "step": 0, "val_loss": val_losses[0][1]})
-
-        ema = ema_weight = 0.0
-        step = 0
-        train_seconds = 0.0
-        stopped_early = False
-        start = time.perf_counter()
-        while step < args.steps:
-            t_step = time.perf_counter()
-            lr = lr_at(step, args.steps, args.lr, warmup)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            input_ids, labels = sample_batch(train_tokens, args.batch_size, args.seq_len, gen)
-            loss = model(input_ids, labels=labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
-            optimizer.step()
-            step += 1
-            train_seconds += time.perf_counter() - t_step
-
-            loss_value = loss.detach().item()
-            ema, ema_weight = 0.9 * ema + 0.1 * loss_value, 0.9 * ema_weight + 0.1
-            elapsed = time.perf_counter() - start
-            tps = step * tokens_per_step / train_seconds
-            # ETA from the elapsed time per step so far (evaluations included), capped by --minutes.
-            eta = elapsed / step * (args.steps - step)
-            if args.minutes:
-                eta = min(eta, max(0.0, args.minutes * 60 - elapsed))
-            progress.update(step, f"step {step:>{width}}/{args.steps}  "
-                                  f"loss {ema / ema_weight:.4f}  lr {lr:.2e}  {tps:,.0f} tok/s  "
-                                  f"elapsed {_clock(elapsed)}  eta {_clock(eta)}")
-            log({"kind": "train", "step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                 "tokens_per_s": tps, "elapsed_s": elapsed})
-
-            out_of_time = args.minutes is not None and elapsed >= args.minutes * 60
-            if step % args.eval_every == 0 or step == args.steps or out_of_time:
-                val_losses.append((step, evaluate(model, val, args.batch_size)))
-                progress.message(f"step {step:>{width}}/{args.steps}  val loss {val_losses[-1][1]:.4f}")
-                log({"kind": "eval", "step": step, "val_loss": val_losses[-1][1]})
-            if out_of_time and step < args.steps:
-                stopped_early = True
-                progress.message(f"stopped at step {step}/{args.steps}: --minutes {args.minutes:g} reached")
-                break
-        progress.message(f"trained {step} steps in {_clock(time.perf_counter() - start)}: "
-                         f"val loss {val_losses[0][1]:.4f} -> {val_losses[-1][1]:.4f} nats/byte "
-                         f"({val_losses[-1][1] / math.log(2):.2f} bits/byte), "
-                         f"{step * tokens_per_step / train_seconds:,.0f} tok/s")
-
-        samples = generate_samples(model.eval(), args.prompt or list(DEFAULT_PROMPTS), args.max_new_tokens,
-                                   args.temperature, args.seed)
-
+        log = _open_log(args, stack)
+        result = _train(args, model, train_tokens, val, log)
+        result["samples"] = generate_samples(model.eval(), args.prompt or list(DEFAULT_PROMPTS),
+                                             args.max_new_tokens, args.temperature, args.seed)
         if args.out:
             save_hf(model, args.out)
             print(f"\nsaved the model (HF format) and metrics.jsonl to {args.out}")
-        log({"kind": "final", "steps": step, "initial_val_loss": val_losses[0][1],
-             "final_val_loss": val_losses[-1][1], "tokens_per_s": step * tokens_per_step / train_seconds})
-
-    return {
-        "initial_val_loss": val_losses[0][1],
-        "final_val_loss": val_losses[-1][1],
-        "val_losses": val_losses,
-        "steps": step,
-        "planned_steps": args.steps,
-        "stopped_early": stopped_early,
-        "tokens_per_s": step * tokens_per_step / train_seconds,
-        "train_seconds": train_seconds,
-        "samples": samples,
-        "model": model,
-    }
+        log(result["steps"], {"final/initial_val_loss": result["initial_val_loss"],
+                              "final/val_loss": result["final_val_loss"],
+                              "final/tokens_per_second": result["tokens_per_s"]})
+    result["model"] = model
+    return result

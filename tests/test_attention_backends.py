@@ -131,7 +131,7 @@ def _ring_vs_ring_flash_attn(rank, world, shape):
     from ring_flash_attn import zigzag_ring_flash_attn_func
 
     from megatron_lc.parallel.ring import ring_attention
-    from megatron_lc.parallel.sequence import shard_sequence
+    from megatron_lc.parallel.cp_sharding import shard_sequence
 
     b, s, h, h_kv, d = shape
     full = _inputs(b, s, s, h, h_kv, d, torch.bfloat16, f"cuda:{rank}")
@@ -155,7 +155,7 @@ def test_zigzag_ring_matches_ring_flash_attn():
     """Same zigzag shards through our ring and ring_flash_attn's zigzag function (bf16, NCCL): our outputs and
     gradients are within 2x the error theirs have against float64."""
     from dist_utils import run_distributed
-    from megatron_lc.parallel.sequence import unshard_sequence
+    from megatron_lc.parallel.cp_sharding import unshard_sequence
 
     world, shape = 2, (2, 1024, 8, 2, 64)
     results = run_distributed(_ring_vs_ring_flash_attn, world, shape, backend="nccl", timeout=300)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from dist_utils import run_distributed
 
-from megatron_lc.bench_train import find_max_len
+from megatron_lc.bench.train import find_max_len
 from megatron_lc.cli import main
 from megatron_lc.configtools import ConfigError
 
@@ -85,11 +85,11 @@ def _tiny():
 
 def _step_calls(model, rank, world):
     """Forward + backward of rank ``rank``'s shard; (block calls in order, loss)."""
-    from megatron_lc.bench_train import _batch
+    from megatron_lc.bench.train_worker import make_batch
     from megatron_lc.ops.attention_lse import record_block_calls
     from megatron_lc.parallel.simulated_ring import shard_batch_for_rank
 
-    tokens, labels = _batch(model.config, 1, SEQ, torch.device("cpu"))
+    tokens, labels = make_batch(model.config, 1, SEQ, torch.device("cpu"))
     local = shard_batch_for_rank({"input_ids": tokens, "labels": labels}, rank, world)
     with record_block_calls() as log:
         loss = model(local["input_ids"], position_ids=local["position_ids"], labels=local["labels"])
@@ -131,12 +131,12 @@ def _attention_peak(rank, world, cp, simulated):
     (Qwen2-0.5B heads): over the real gloo group, or simulated on this process alone."""
     import torch.distributed as dist
 
-    from megatron_lc.parallel.cp_bench import PeakMemory, _release_freed_heap
+    from megatron_lc.memory import PeakMemory, release_freed_heap
     from megatron_lc.parallel.ring import ring_attention
-    from megatron_lc.parallel.sequence import shard_sequence
+    from megatron_lc.parallel.cp_sharding import shard_sequence
     from megatron_lc.parallel.simulated_ring import SimulatedRing
 
-    _release_freed_heap()
+    release_freed_heap()
     group = SimulatedRing(0, cp) if simulated else dist.group.WORLD
     g = torch.Generator().manual_seed(0)
     full = [torch.randn(1, 4096, h, 64, generator=g) for h in (14, 2, 2, 14)]
@@ -155,7 +155,7 @@ def _attention_peak(rank, world, cp, simulated):
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
 def test_simulated_ring_rank_holds_the_memory_of_a_real_rank(monkeypatch):
-    from megatron_lc.parallel.cp_bench import MALLOC_ENV
+    from megatron_lc.memory import MALLOC_ENV
 
     for key, value in MALLOC_ENV.items():  # inherited by the spawned processes: RSS tracks live tensors
         monkeypatch.setenv(key, value)

@@ -10,8 +10,8 @@ import torch
 
 from megatron_lc.model import Transformer, preset_config
 from megatron_lc.model.tiled_mlp import auto_tile_tokens, tiled_mlp
-from megatron_lc.model.transformer import swiglu
-from megatron_lc.parallel.checkpointing import POLICIES, apply_activation_checkpointing, policy_costs
+from megatron_lc.ops.swiglu import swiglu
+from megatron_lc.parallel.activation_checkpointing import POLICIES, apply_activation_checkpointing, policy_costs
 
 
 def _step(policy: str, tile: int, ids: torch.Tensor, every: int = 2):
@@ -142,7 +142,7 @@ def test_mlp_tiles_only_long_inputs():
 _RETAINED = r"""
 import json, sys, torch
 from megatron_lc.model import Transformer, ModelConfig
-from megatron_lc.parallel.checkpointing import apply_activation_checkpointing
+from megatron_lc.parallel.activation_checkpointing import apply_activation_checkpointing
 def rss():
     for line in open('/proc/self/status'):
         if line.startswith('VmRSS:'):

@@ -138,23 +138,25 @@ def test_bad_input_fails_on_every_rank_without_hanging(what, message):
 
 
 def _dp_cp_worker(rank, world):
-    """A (dp=2, cp=2) mesh: each DP replica gets its own sample; CP runs inside the replica's sub-mesh."""
+    """A (dp=2, cp=2) mesh from ParallelDims: each DP replica gets its own sample; CP runs inside the replica."""
     import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
 
     from megatron_lc.parallel.context_parallel import ContextParallel
+    from megatron_lc.parallel.parallel_dims import ParallelDims
 
-    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "cp"))
-    dp_rank = mesh.get_local_rank("dp")
+    dims = ParallelDims(dp_replicate=1, dp_shard=-1, cp=2, tp=1, world_size=world)
+    dims.build_mesh("cpu")
+    dp_rank = dims.get_mesh("dp").get_local_rank()
     model = Transformer(ModelConfig(**CFG), seed=1)
-    cp = ContextParallel(mesh["cp"], mode="ring")
+    cp = ContextParallel(dims.get_mesh("cp"), mode="ring")
     cp.apply(model)
     batch = _batch(48, packed=True, seed=10 + dp_rank)  # replicas see different samples
     local = cp.shard_batch(batch)
     total, count = model(local["input_ids"], position_ids=local["position_ids"], labels=local["labels"],
                          reduction="sum")
     stats = torch.stack([total.detach(), count.to(torch.float32)])
-    dist.all_reduce(stats, group=mesh["cp"].get_group())
+    dist.all_reduce(stats, group=dims.get_mesh("cp").get_group())
+    assert dims.get_mesh("dp_cp").size() == 4 and dims.get_mesh("fsdp").mesh_dim_names == ("dp_shard_cp",)
     return dp_rank, (stats[0] / stats[1]).item()
 
 
@@ -166,3 +168,64 @@ def test_cp_inside_a_dp_by_cp_mesh():
         with torch.no_grad():
             expected = model(batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"]).item()
         assert abs(loss - expected) <= 1e-5, (dp_rank, loss, expected)
+
+
+# ---- ParallelDims: sizes, checks and derived factors (no process group) ---------------------------------------
+def test_parallel_dims_resolves_the_rest_of_the_world_and_derives_factors():
+    from megatron_lc.parallel.parallel_dims import ParallelDims
+
+    dims = ParallelDims(dp_replicate=2, dp_shard=-1, cp=2, tp=2, world_size=16)
+    assert (dims.dp_shard, dims.dp) == (2, 4)
+    assert dims.fsdp_gradient_divide_factor == 8  # FSDP2/HSDP average over dp_replicate x dp_shard x cp, not tp
+    assert dims.seq_len_divisor() == 2 * 2 * 2  # zigzag: 2 chunks per CP rank, then tp for sequence parallelism
+    assert dims.seq_len_divisor("contiguous") == 2 * 2
+    assert ParallelDims(1, -1, 1, 2, world_size=2).seq_len_divisor() == 2  # no CP: tp alone
+    with pytest.raises(RuntimeError, match="build_mesh"):
+        dims.get_mesh("cp")
+
+
+@pytest.mark.parametrize("sizes,message", [
+    ((1, -1, 2, 2, 6), "world size 6 is not divisible by dp_replicate x cp x tp = 4"),
+    ((1, 2, 2, 1, 3), "= 4 but the world has 3 processes"),
+    ((1, 0, 1, 1, 1), "parallel.dp_shard must be >= 1 or -1"),
+    ((1, 1, 0, 1, 1), "parallel.cp must be >= 1"),
+    ((1, 1, 4, 1, 4, 3), "Ulysses degree parallel.cp_ulysses=3 must divide cp=4"),
+])
+def test_parallel_dims_errors_name_the_setting(sizes, message):
+    from megatron_lc.configtools import ConfigError
+    from megatron_lc.parallel.parallel_dims import ParallelDims
+
+    with pytest.raises(ConfigError, match=message):
+        ParallelDims(*sizes)
+
+
+def _parallelize_worker(rank, world):
+    import logging
+
+    from megatron_lc.parallel.parallel_dims import ParallelDims
+    from megatron_lc.parallel.parallelize import ParallelizeConfig, materialize, parallelize
+
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("megatron_lc.parallel.parallelize")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    dims = ParallelDims(dp_replicate=1, dp_shard=-1, cp=2, tp=1, world_size=world)
+    dims.build_mesh("cpu")
+    with torch.device("meta"):
+        model = Transformer(ModelConfig(**CFG))
+    cp, chosen = parallelize(model, dims, ParallelizeConfig(kernels="torch", activation_checkpointing="full"))
+    materialize(model, torch.device("cpu"), seed=1)
+    local = cp.shard_batch(_batch(45, packed=False))  # 45 -> padded to 48 (2 chunks x cp)
+    total, count = model(local["input_ids"], position_ids=local["position_ids"], labels=local["labels"],
+                         reduction="sum")
+    total.backward()
+    return messages, cp.pad_multiple, chosen["attention"], tuple(local["input_ids"].shape)
+
+
+def test_parallelize_takes_dims_and_a_config_and_logs_each_step():
+    messages, pad_multiple, attention, shape = run_distributed(_parallelize_worker, 2, timeout=300)[0]
+    assert pad_multiple == 4 and shape == (2, 24) and attention.startswith("ring over cp=2")
+    expected = ("applied context parallelism", "applied full activation checkpointing", "applied FSDP2 over dp_shard_cp")
+    assert len(messages) == 3 and all(m.startswith(e) for m, e in zip(messages, expected)), messages

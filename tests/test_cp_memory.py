@@ -13,7 +13,7 @@ SHAPE = dict(seq_len=8192, heads=14, kv_heads=2, head_dim=64)  # q: 28 MiB fp32 
 
 
 def _measure(rank, world):
-    from megatron_lc.parallel.cp_bench import measure_attention
+    from megatron_lc.bench.cp import measure_attention
 
     return measure_attention(mode="ring", repeats=3, **SHAPE)
 
@@ -21,7 +21,7 @@ def _measure(rank, world):
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
 def test_ring_attention_memory_per_rank_shrinks_with_cp(monkeypatch):
-    from megatron_lc.parallel.cp_bench import MALLOC_ENV
+    from megatron_lc.memory import MALLOC_ENV
 
     for key, value in MALLOC_ENV.items():  # inherited by the spawned ranks: RSS tracks live tensors exactly
         monkeypatch.setenv(key, value)

@@ -5,9 +5,15 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_lc.configtools import ConfigError
+from megatron_lc.data.stdlib_text import stdlib_docstrings
 from megatron_lc.data.tokenizer import (
+    BYTE_BOS_ID,
+    BYTE_EOS_ID,
+    BYTE_PAD_ID,
+    BYTE_VOCAB_SIZE,
     CHATML_SPECIALS,
     SP_BOS_ID,
     SP_EOS_ID,
@@ -21,7 +27,6 @@ from megatron_lc.data.tokenizer import (
     load_tokenizer,
     train_sentencepiece,
 )
-from megatron_lc.demo import build_corpus
 
 VOCAB = 800
 # Held out from training; non-ASCII (accents, emoji, CJK, a tab, CRLF) must come back exactly via byte fallback.
@@ -35,7 +40,7 @@ CHAT = "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_e
 
 @pytest.fixture(scope="module")
 def corpus():
-    docs = build_corpus(400_000)  # stdlib docstrings, ~400 KB: trains in about a second
+    docs = stdlib_docstrings(400_000)  # stdlib docstrings, ~400 KB: trains in about a second
     assert len(docs) > 100
     return docs
 
@@ -250,7 +255,12 @@ def test_bytes_tokenizer():
     assert tok.encode(text) == list(text.encode())
     assert tok.encode("a", add_bos=True, add_eos=True) == [256, 97, 257]
     assert tok.decode([256, *tok.encode(text), 257, 258]) == text
-    assert (tok.vocab_size, tok.eos_token_id, tok.pad_token_id) == (260, 257, 258)
+    assert tok.decode(torch.tensor(tok.encode(text))) == text
+    assert tok.decode([0xC3]) == "\ufffd"  # a cut multi-byte character is replaced, not an error
+    # The demo preset's vocabulary and the specials in the config.json of models saved by `megatron-lc demo`.
+    assert (BYTE_BOS_ID, BYTE_EOS_ID, BYTE_PAD_ID, BYTE_VOCAB_SIZE) == (256, 257, 258, 260)
+    assert (tok.vocab_size, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (260, 256, 257, 258)
+    assert Bytes(eos_token_id=10).eos_token_id == 10 and tok.name == "bytes"
     assert tok.encode_batch(["ab", ""]) == [[97, 98], []]
     assert tok.token_to_id("a") == 97 and tok.token_to_id("</s>") == 257 and tok.token_to_id("é") is None
 

@@ -9,7 +9,8 @@ from hf_helpers import small_config
 from megatron_lc.configtools import ConfigError
 from megatron_lc.model import Transformer, generate
 from megatron_lc.model.dca import dca_attention, relative_positions, role_positions
-from megatron_lc.model.rope import RotaryEmbedding, apply_rotary
+from megatron_lc.model.rope import RotaryEmbedding
+from megatron_lc.ops.rotary import apply_rotary
 
 # chunk_size 8, local_size 2 (period 6), 24 tokens: row i lists the distances to keys 0..i, written by hand from
 # the spec's rules (same chunk: i%6 - j%6; chunk before: min(i%6 + 6, 8) - j%6; earlier: min(11, 8) - j%6).

@@ -3,9 +3,10 @@ import pytest
 import torch
 
 from megatron_lc.model import Transformer, preset_config
-from megatron_lc.model.rope import apply_rotary_qk
-from megatron_lc.model.transformer import rms_norm, swiglu
 from megatron_lc.ops import dispatch
+from megatron_lc.ops.rms_norm import rms_norm
+from megatron_lc.ops.rotary import apply_rotary_qk
+from megatron_lc.ops.swiglu import swiglu
 
 
 def test_auto_is_torch_on_cpu_and_triton_needs_a_gpu_or_the_interpreter(monkeypatch):

@@ -10,6 +10,7 @@ import torch
 
 from megatron_lc.cli import main
 from megatron_lc.configtools import ConfigError
+from megatron_lc.data.stdlib_text import stdlib_docstring_text
 from megatron_lc.data.tokenizer import Bytes
 from megatron_lc.eval import niah
 
@@ -180,11 +181,11 @@ def test_cli_runs_dca_and_yarn_models(tmp_path, positions):
                 head_dim=16, init_std=0.3, max_position_embeddings=384, rope_theta=1e4, extra={"eos_token_id": 257})
     hay = tmp_path / "hay.txt"
     hay.write_text(PROSE)
-    outputs = {}
+    outputs = {}  # 2 lengths past DCA's chunk / YaRN's original window x 2 depths, 3 tokens: kept small (CPU time)
     for name, extra in (("plain", {}), ("scaled", positions)):
         save_hf(Transformer(ModelConfig(**base, **extra), seed=3), str(tmp_path / name))
         assert main(["eval", "niah", "--model", str(tmp_path / name), "--haystack", str(hay), "--lengths", "200,360",
-                     "--depths", "0,50,100", "--max-new-tokens", "6", "--device", "cpu",
+                     "--depths", "0,100", "--max-new-tokens", "3", "--device", "cpu",
                      "--out", str(tmp_path / f"out_{name}")]) == 0
         results = json.loads((tmp_path / f"out_{name}" / "niah.json").read_text())
         outputs[name] = [c["output"] for c in results["cells"]]
@@ -193,15 +194,15 @@ def test_cli_runs_dca_and_yarn_models(tmp_path, positions):
     # The CLI's answers (model loaded from its folder) equal the grid run on the in-memory model with those
     # positions: save/load kept them and the CLI decoded with them.
     model = Transformer(ModelConfig(**base, **positions), seed=3).eval()
-    direct = niah.run_grid(niah.model_answer_fn(model, TOK, 6), TOK, niah.load_haystack(str(hay), TOK), [200, 360],
-                           [0, 50, 100], variant="value", max_new_tokens=6, seed=0)
+    direct = niah.run_grid(niah.model_answer_fn(model, TOK, 3), TOK, niah.load_haystack(str(hay), TOK), [200, 360],
+                           [0, 100], variant="value", max_new_tokens=3, seed=0)
     assert [c["output"] for c in direct["cells"]] == outputs["scaled"]
     assert outputs["plain"] != outputs["scaled"]
     assert any(outputs["scaled"])
     # The same positions given on the command line to the plain folder: the same answers.
     flag = "--" + key.replace("_", "-")
     assert main(["eval", "niah", "--model", str(tmp_path / "plain"), "--haystack", str(hay), "--lengths", "200,360",
-                 "--depths", "0,50,100", "--max-new-tokens", "6", "--device", "cpu", flag, json.dumps(positions[key]),
+                 "--depths", "0,100", "--max-new-tokens", "3", "--device", "cpu", flag, json.dumps(positions[key]),
                  "--out", str(tmp_path / "out_flag")]) == 0
     flagged = json.loads((tmp_path / "out_flag" / "niah.json").read_text())
     assert [c["output"] for c in flagged["cells"]] == outputs["scaled"]
@@ -224,7 +225,7 @@ ANSWER_TOKENS = 9  # " " + 7 digits + EOS
 
 def random_word_text(n_bytes, seed):
     """Filler of random sentences (5-12 words drawn from the stdlib docstrings' words, no digits or colons)."""
-    words = sorted({w.lower() for w in re.findall(r"[A-Za-z]{2,10}", niah.default_haystack_text(300_000))})
+    words = sorted({w.lower() for w in re.findall(r"[A-Za-z]{2,10}", stdlib_docstring_text(300_000))})
     rng, sentences, size = random.Random(seed), [], 0
     while size < n_bytes:
         sentence = " ".join(rng.choice(words) for _ in range(rng.randint(5, 12))).capitalize() + "."
@@ -281,9 +282,10 @@ def test_tiny_model_trained_on_value_retrieval_finds_the_needle(tmp_path):
     text it never saw."""
     import argparse
 
-    from megatron_lc.demo import lr_at, make_optimizer
-    from megatron_lc.eval.commands import add_niah_args, run_niah
+    from megatron_lc.eval.cli import add_niah_args, run_niah
     from megatron_lc.model import ModelConfig, Transformer, save_hf
+    from megatron_lc.train.config import OptimSection, ScheduleSection
+    from megatron_lc.train.optim import build_optimizer, build_scheduler
 
     start = time.perf_counter()
     torch.manual_seed(0)
@@ -294,10 +296,9 @@ def test_tiny_model_trained_on_value_retrieval_finds_the_needle(tmp_path):
                       extra={"eos_token_id": TOK.eos_token_id})
     model = Transformer(cfg, seed=0).train()
     steps, lr, rng, ends = 3500, 1e-3, random.Random(0), niah.SentenceEnds(TOK)
-    optimizer = make_optimizer(model, lr, weight_decay=0.0)
-    for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps, lr, warmup=steps // 20)
+    optimizer = build_optimizer(model, OptimSection(lr=lr, weight_decay=0.0))
+    scheduler = build_scheduler(optimizer, steps, ScheduleSection(kind="cosine", warmup_steps=steps // 20))
+    for _ in range(steps):
         rows = [phonebook_sample(train_hay, rng) if rng.random() < 0.5 else
                 value_retrieval_sample(train_hay, rng, ends) for _ in range(16)]
         loss = model(torch.tensor([r[0] for r in rows]), labels=torch.tensor([r[1] for r in rows]))
@@ -305,6 +306,7 @@ def test_tiny_model_trained_on_value_retrieval_finds_the_needle(tmp_path):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        scheduler.step()
     save_hf(model, str(tmp_path / "model"))
     trained = time.perf_counter() - start
 

@@ -1,5 +1,6 @@
 """HF folders: save_hf -> transformers, transformers -> load_hf, sharding, and clear errors for bad checkpoints."""
 import json
+import os
 
 import pytest
 import torch
@@ -91,3 +92,25 @@ def test_missing_files_are_clear_errors(tmp_path):
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="neither model.safetensors"):
         load_hf(str(tmp_path))
+
+
+LEGACY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "legacy_checkpoint")
+
+
+def test_load_model_reads_a_checkpoint_or_an_hf_folder(tmp_path):
+    """One decision for "HF folder or checkpoint?": load_model gives the same model from a step_<N>/ folder (one
+    written before megatron_lc/checkpoint/ existed) and from its HF conversion; anything else names the flag."""
+    from megatron_lc.checkpoint.convert import folder_kind, load_model
+    from megatron_lc.configtools import ConfigError
+
+    assert folder_kind(os.path.join(LEGACY, "step_2")) == "checkpoint"
+    assert folder_kind(os.path.join(LEGACY, "hf")) == "hf"
+    ours = load_model(os.path.join(LEGACY, "step_2"), overrides={"rope_theta": 5e4})
+    hf = load_model(os.path.join(LEGACY, "hf"), dtype="bfloat16", overrides={"rope_theta": 5e4})
+    assert ours.config.rope_theta == hf.config.rope_theta == 5e4 and not ours.training
+    for (name, a), (_, b) in zip(ours.named_parameters(), hf.named_parameters(), strict=True):
+        assert torch.equal(a.bfloat16(), b), name
+    with pytest.raises(ConfigError, match="--from .*: not a folder"):
+        folder_kind(str(tmp_path / "missing"), "--from")
+    with pytest.raises(ConfigError, match="neither an HF folder .* nor a checkpoint"):
+        load_model(str(tmp_path))

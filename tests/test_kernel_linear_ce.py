@@ -9,15 +9,23 @@ from __future__ import annotations
 
 import pytest
 import torch
-from megatron_lc.kernels.linear_cross_entropy import (
-    IGNORE_INDEX,
-    auto_chunk_tokens,
-    linear_cross_entropy,
-    linear_cross_entropy_reference,
-)
+from megatron_lc.kernels.linear_cross_entropy import auto_chunk_tokens, linear_cross_entropy
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from megatron_lc.ops.cross_entropy import IGNORE_INDEX
+
 N = 3 * 37
+
+
+def linear_cross_entropy_reference(hidden, weight, labels, z_loss=0.0):
+    """Plain torch, unchunked (holds ``[N, V]``): same contract as ``linear_cross_entropy``, loss in fp32 out."""
+    logits = hidden @ weight.t()
+    loss = torch.nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    valid = labels != IGNORE_INDEX
+    if z_loss > 0:
+        lse = torch.logsumexp(logits, dim=-1)
+        loss = loss + z_loss * (lse * lse * valid).sum()
+    return loss.float(), valid.sum()
 
 
 def _inputs(n, h, v, dtype, seed=0):
@@ -90,6 +98,18 @@ def test_no_grad_and_noncontiguous():
     loss2, _ = linear_cross_entropy(h_t, w_nc, labels, chunk_tokens=50)
     ref2, _ = linear_cross_entropy_reference(hidden, w_nc_val, labels)
     torch.testing.assert_close(loss2, ref2, atol=1e-5, rtol=1e-5)
+
+
+def test_ignore_index_parameter():
+    """Another ignore index (as F.cross_entropy's): its labels are skipped, and -100 is then out of range."""
+    hidden, weight, labels = _inputs(8, 16, 32, torch.float32)
+    labels = torch.where(labels == IGNORE_INDEX, 3, labels)
+    loss, count = linear_cross_entropy(hidden, weight, labels, ignore_index=3)
+    ref = torch.nn.functional.cross_entropy(hidden @ weight.t(), labels, ignore_index=3, reduction="sum")
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
+    assert int(count) == int((labels != 3).sum())
+    with pytest.raises(ValueError, match="ignore index 3"):
+        linear_cross_entropy(hidden, weight, torch.full((8,), IGNORE_INDEX), ignore_index=3)
 
 
 def test_errors():

@@ -1,12 +1,13 @@
-"""Triton RoPE (megatron_lc.kernels.rope) against the model's apply_rotary and a float64 rotation. On CPU the kernel
-runs in the Triton interpreter (small shapes)."""
+"""Triton RoPE (megatron_lc.kernels.rope) against the torch op it replaces (megatron_lc.ops.rotary) and a float64
+rotation. On CPU the kernel runs in the Triton interpreter (small shapes)."""
 import functools
 
 import pytest
 import torch
-from megatron_lc.kernels.rope import rope_qk, rope_qk_from_table, rope_reference
+from megatron_lc.kernels.rope import rope_qk, rope_qk_from_table
 
 from megatron_lc.model.rope import RotaryEmbedding, inverse_frequencies
+from megatron_lc.ops.rotary import apply_rotary_qk as rope_reference
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 FP32_TOL = {"atol": 1e-5, "rtol": 1e-5}

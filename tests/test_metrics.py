@@ -1,4 +1,5 @@
-"""megatron_lc.train.metrics: FLOP count, peak table, MFU, throughput, memory, JSONL/TensorBoard logs, progress."""
+"""megatron_lc.model.flops (the FLOP count) and megatron_lc.train.metrics (peak table, MFU, throughput, memory,
+JSONL/TensorBoard logs, progress)."""
 import io
 import json
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from megatron_lc.model import Transformer
+from megatron_lc.model import Transformer, flops
 from megatron_lc.model.config import ModelConfig, preset_config
 from megatron_lc.train import metrics as M
 
@@ -34,9 +35,9 @@ def test_flops_tiny_config_term_by_term():
     lm_head = 2 * 8 * 10    # tied, still a matmul
     forward = 2 * (q + k + v + o + mlp + scores + values) + lm_head
     assert forward == 2 * (128 + 64 + 64 + 128 + 576 + 48 + 48) + 160 == 2272
-    assert M.train_flops_per_token(cfg, S) == 3 * forward
+    assert flops.train_flops_per_token(cfg, S) == 3 * forward
     full = 2 * (q + k + v + o + mlp + 2 * 2 * 4 * 2 * S) + lm_head  # every query sees all 5 keys
-    assert M.train_flops_per_token(cfg, S, causal=False) == 3 * full
+    assert flops.train_flops_per_token(cfg, S, causal=False) == 3 * full
 
 
 def test_flops_qwen2_7b_is_6x_linear_weights_plus_attention():
@@ -46,23 +47,23 @@ def test_flops_qwen2_7b_is_6x_linear_weights_plus_attention():
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))  # lm_head incl.
     # Per layer: q and o 3584 x 3584, k and v 3584 x 512, MLP 3 x 3584 x 18944; lm_head 3584 x 152064.
     assert linear == 28 * (2 * 3584 * 3584 + 2 * 3584 * 512 + 3 * 3584 * 18944) + 3584 * 152064 == 7_070_285_824
-    parts = M.forward_flops_breakdown(cfg, 4096)
+    parts = flops.forward_flops_breakdown(cfg, 4096)
     dense = 3 * (parts["qkvo"] + parts["mlp"] + parts["lm_head"])
     assert dense == pytest.approx(6 * linear, rel=1e-12)
     # 6 x the config's non-embedding parameter count plus the lm_head: the same up to biases and norms (0.005%).
     with_head = cfg.num_params(include_embedding=False) + cfg.vocab_size * cfg.hidden_size
     assert dense == pytest.approx(6 * with_head, rel=0.01) and dense < 6 * with_head
     # Attention grows linearly with seq_len: 3 x L x 4 x heads x head_dim x (S + 1) / 2.
-    attn = {s: M.train_flops_per_token(cfg, s) - dense for s in (4096, 32768, 131072)}
+    attn = {s: flops.train_flops_per_token(cfg, s) - dense for s in (4096, 32768, 131072)}
     slope = 3 * 28 * 4 * 28 * 128 / 2
     for s, value in attn.items():
         assert value == pytest.approx(slope * (s + 1), rel=1e-12)
-    assert M.train_flops_per_token(cfg, 32768) == pytest.approx(6.2152e10, rel=1e-4)  # the number in docs/mfu.md
+    assert flops.train_flops_per_token(cfg, 32768) == pytest.approx(6.2152e10, rel=1e-4)  # the number in docs/mfu.md
 
 
 def test_flops_bad_seq_len():
     with pytest.raises(ValueError, match="seq_len"):
-        M.train_flops_per_token(preset_config("tiny"), 0)
+        flops.train_flops_per_token(preset_config("tiny"), 0)
 
 
 # ---- peak FLOP/s and MFU ---------------------------------------------------------------------------------------------
@@ -109,31 +110,6 @@ def test_mfu():
         M.mfu(1.0, 1.0, 1.0, 0)
     with pytest.raises(ValueError, match="peak"):
         M.mfu(1.0, 1.0, None, 1)
-
-
-def test_step_timer():
-    clock = FakeClock()
-    timer = M.StepTimer(window=2, clock=clock)
-    assert timer.tokens_per_second is None
-    for tokens, seconds in ((100, 1.0), (100, 3.0), (300, 1.0)):
-        timer.start()
-        clock.t += seconds
-        assert timer.stop(tokens) == seconds
-    assert timer.tokens_per_second == 300.0
-    assert timer.smoothed_tokens_per_second == 400 / 4.0  # window of 2: the first step has left
-    with pytest.raises(RuntimeError, match="start"):
-        timer.stop(1)
-
-
-def test_peak_memory_cpu_sees_a_big_allocation():
-    cpu = torch.device("cpu")
-    M.reset_peak_memory(cpu)
-    before = M.peak_memory_bytes(cpu)
-    x = torch.ones(64 * 2**20, dtype=torch.uint8)  # 64 MiB, touched so it is resident
-    assert M.peak_memory_bytes(cpu) >= before + 60 * 2**20
-    del x
-    if M.reset_peak_memory(cpu):  # freed, and the peak reset: back below
-        assert M.peak_memory_bytes(cpu) < before + 60 * 2**20
 
 
 # ---- MetricsLogger ---------------------------------------------------------------------------------------------------
@@ -249,3 +225,16 @@ def test_progress_rewrites_in_place_on_a_terminal():
     progress.update(2, {})
     first = "step 1/2 | loss 12.500 | ETA 0s"  # the fake clock stands still
     assert out.getvalue() == "\r" + first + "\r" + "step 2/2".ljust(len(first)) + "\n"
+
+
+def test_progress_time_limit_caps_the_eta_and_message_ends_an_open_status_line():
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    clock, out = FakeClock(), Tty()
+    progress = M.Progress(100, rank=0, stream=out, every_seconds=0, time_limit_s=60, clock=clock)
+    clock.t += 10
+    progress.update(1, {})  # 10 s per step x 99 steps, but the run stops 50 s from now
+    progress.message("val loss 1.0")
+    assert out.getvalue() == "\rstep 1/100 | ETA 50s\nval loss 1.0\n"

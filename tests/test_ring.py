@@ -7,7 +7,7 @@ import torch
 from dist_utils import run_distributed
 from megatron_lc.ops import attention
 from megatron_lc.ops.attention_lse import block_backward, block_forward, merge_into, record_block_calls
-from megatron_lc.parallel.sequence import chunk_ids, pad_batch, shard_positions, shard_sequence, unshard_sequence
+from megatron_lc.parallel.cp_sharding import chunk_ids, pad_batch, shard_positions, shard_sequence, unshard_sequence
 from test_attention import reference
 
 SCALE = 1.6  # q, k ~ N(0, 1.6^2): logits q.k / sqrt(D) have std 2.6 and reach about +-10

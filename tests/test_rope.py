@@ -2,7 +2,8 @@
 import torch
 
 from hf_helpers import small_config
-from megatron_lc.model import Transformer, apply_rotary
+from megatron_lc.model import Transformer
+from megatron_lc.ops.rotary import apply_rotary
 
 
 def test_tables_stay_fp32_and_equal_float64_reference_after_bf16_cast():
@@ -23,14 +24,14 @@ def test_tables_stay_fp32_and_equal_float64_reference_after_bf16_cast():
 
 def _qk_logits(model, x, pos_k, pos_q):
     """Per-head q.k logits of layer 0 for a key at pos_k and a query at pos_q: [H] fp64."""
-    attn = model.layers[0].attn
+    attn, cfg = model.layers[0].attn, model.config
     dtype = model.embed.weight.dtype
     x = x.to(dtype)
     pos = torch.tensor([[pos_k, pos_q]])
     cos, sin = model.rope(pos)
-    q = apply_rotary(attn.q_proj(x).view(1, 2, attn.num_heads, attn.head_dim), cos, sin)
-    k = apply_rotary(attn.k_proj(x).view(1, 2, attn.num_kv_heads, attn.head_dim), cos, sin)
-    k = k.repeat_interleave(attn.num_heads // attn.num_kv_heads, dim=2)
+    q = apply_rotary(attn.q_proj(x).view(1, 2, cfg.num_heads, cfg.head_dim), cos, sin)
+    k = apply_rotary(attn.k_proj(x).view(1, 2, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+    k = k.repeat_interleave(cfg.num_heads // cfg.num_kv_heads, dim=2)
     return (q[0, 1].double() * k[0, 0].double()).sum(-1)
 
 

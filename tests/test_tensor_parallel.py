@@ -68,7 +68,8 @@ def _tp_model_worker(cfg, mesh, sequence_parallel=True):
     torch.optim.SGD(model.parameters(), lr=0.1).step()
     out = dict(init=init, loss=loss, count=count, norm=_full(norm), grads=grads,
                stepped={name: _full(p).detach().clone() for name, p in model.named_parameters()},
-               local_heads=(model.layers[0].attn.num_heads, model.layers[0].attn.num_kv_heads))
+               local_heads=tuple(p.weight.to_local().shape[0] // cfg.head_dim
+                                 for p in (model.layers[0].attn.q_proj, model.layers[0].attn.k_proj)))
     if cfg.tie_word_embeddings:
         out["tied_after_apply"] = model.lm_head.weight is model.embed.weight
         torch.optim.AdamW(model.parameters(), lr=1e-2).step()
@@ -90,16 +91,22 @@ def _loss_unit_worker(mesh):
     labels = torch.randint(0, vocab, (n,), generator=gen)
     labels[[2, 5, 17]] = -100
     results = {}
+    row_stats = tpm.vocab_parallel_row_stats
     for name, chunk in (("chunked", 8), ("whole", n)):
         shapes = []
-        tpm._logits_probe = shapes.append
+
+        def recording_row_stats(logits, *rest, shapes=shapes):  # sees every chunk's local logits
+            shapes.append(logits.shape)
+            return row_stats(logits, *rest)
+
+        tpm.vocab_parallel_row_stats = recording_row_stats
         w = distribute_tensor(weight, mesh, [Shard(0)]).requires_grad_()
         h_plain = hidden.clone().requires_grad_()
         rows = h_plain.chunk(mesh.size())[mesh.get_local_rank()]
         h = DTensor.from_local(rows, mesh, [Shard(0)]) if name == "chunked" else h_plain
         loss, count = tpm.vocab_parallel_cross_entropy(h, w, labels, chunk)
         (loss * 0.5).backward()  # a non-unit upstream gradient
-        tpm._logits_probe = None
+        tpm.vocab_parallel_row_stats = row_stats
         results[name] = dict(loss=loss.detach(), count=count, shapes=[tuple(s) for s in shapes],
                              grad_hidden=h_plain.grad, grad_weight=w.grad.full_tensor())
     return dict(inputs=(hidden, weight, labels), **results)

@@ -224,22 +224,33 @@ def test_checkpoint_from_two_processes_loads_in_one(corpus, tmp_path):
     assert one["loss"][0] == pytest.approx(two[0]["loss"][3], abs=1e-5)
 
 
+class _InjectedFault(RuntimeError):
+    pass
+
+
+def _crash_before_marker(path):
+    raise _InjectedFault(f"crashing after the shards of {path}, before its marker")
+
+
 def _crash_job(rank, world, corpus, overrides):
-    from megatron_lc.train import checkpoint as ckpt
+    """2 steps; then a run whose save crashes after the shards are written, before the marker; then a resume."""
+    from megatron_lc.checkpoint import folders
 
     _job(rank, world, corpus, overrides, until=2)
-    os.environ[ckpt.FAULT_ENV] = "save_before_marker"
+    write_marker = folders.write_marker
+    folders.write_marker = _crash_before_marker
     try:
         _job(rank, world, corpus, [*overrides, "checkpoint.resume=auto"], until=4)
         crashed = False
-    except ckpt.InjectedFault:
+    except _InjectedFault:
         crashed = True
-    del os.environ[ckpt.FAULT_ENV]
+    finally:
+        folders.write_marker = write_marker
     return crashed, _job(rank, world, corpus, [*overrides, "checkpoint.resume=auto"], until=3)
 
 
 def test_crashed_save_leaves_the_previous_checkpoint(corpus, tmp_path, capfd):
-    from megatron_lc.train.checkpoint import find_checkpoints
+    from megatron_lc.checkpoint.folders import find_checkpoints
 
     overrides = ["train.steps=6", "data.micro_batch_size=2", f"checkpoint.dir={tmp_path}", "checkpoint.every=2"]
     crashed, after = run_distributed(_crash_job, 1, corpus, overrides)[0]
@@ -358,6 +369,31 @@ def test_convert_checkpoint_to_hf_and_back(corpus, tmp_path):
     warm = run_distributed(_params_job, 1, corpus, [f"checkpoint.resume={tmp_path}/warm/step_0"])[0]
     for name, value in trained.items():
         assert torch.equal(warm[name], value), name
+
+
+LEGACY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "legacy_checkpoint")
+
+
+def test_checkpoint_written_before_the_move_resumes_and_converts(corpus, tmp_path):
+    """tests/data/legacy_checkpoint (written by the code before megatron_lc/checkpoint/): a run resumed from its
+    step_2 makes the loss of step 3 that the old run made; converted to HF it gives the old conversion's tensors;
+    model.init_from=step_2 starts a run from its weights."""
+    from safetensors.torch import load_file
+
+    from megatron_lc.model import load_hf
+
+    with open(os.path.join(LEGACY, "expected.json")) as f:
+        expected = json.load(f)
+    resumed = _run(1, corpus, [*expected["overrides"], f"checkpoint.resume={LEGACY}/step_2"], until=3)[0]
+    assert resumed["start_step"] == 2 and resumed["steps"] == [3]
+    assert resumed["loss"][0] == pytest.approx(expected["loss"][2], abs=1e-6)
+    _cli("convert", "--from", os.path.join(LEGACY, "step_2"), "--to", str(tmp_path / "hf"))
+    old = load_file(os.path.join(LEGACY, "hf", "model.safetensors"))
+    new = load_file(tmp_path / "hf" / "model.safetensors")
+    assert old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in old)
+    warm = run_distributed(_params_job, 1, corpus, [*expected["overrides"], f"model.init_from={LEGACY}/step_2"])[0]
+    hf = dict(load_hf(os.path.join(LEGACY, "hf")).named_parameters())
+    assert warm.keys() == hf.keys() and all(torch.equal(warm[k], hf[k]) for k in hf)
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Tokenizers behind one interface: sentencepiece ``.model``, HF ``tokenizer.json`` and the demo's UTF-8 bytes.
+"""Tokenizers behind one interface: sentencepiece ``.model``, HF ``tokenizer.json`` and UTF-8 bytes.
 
 Every tokenizer here is a :class:`Tokenizer`: ``encode(text, add_bos=False, add_eos=False) -> list[int]``,
 ``encode_batch``, ``decode(ids, skip_special_tokens=False) -> str``, ``vocab_size``, ``bos/eos/pad_token_id``
@@ -33,7 +33,7 @@ CHATML_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 SP_UNK_ID, SP_BOS_ID, SP_EOS_ID, SP_PAD_ID = 0, 1, 2, 3
 _SP_CONTROL_PIECES = ("<unk>", "<s>", "</s>", "<pad>")
 
-ACCEPTED_FORMS = ("'bytes' (or nothing) for the demo's UTF-8 byte tokenizer, a sentencepiece '.model' file, an HF "
+ACCEPTED_FORMS = ("'bytes' (or nothing) for the UTF-8 byte tokenizer, a sentencepiece '.model' file, an HF "
                   "'tokenizer.json', or a folder holding tokenizer.json or tokenizer.model")
 
 
@@ -109,20 +109,25 @@ class Tokenizer:
                 f"eos={self.eos_token_id}, pad={self.pad_token_id})")
 
 
-# ---- the demo's bytes ---------------------------------------------------------------------------------------------
+# ---- UTF-8 bytes -------------------------------------------------------------------------------------------------
+BYTE_BOS_ID, BYTE_EOS_ID, BYTE_PAD_ID = 256, 257, 258
+"""The byte tokenizer's specials; the demo preset and models saved by ``megatron-lc demo`` rely on these ids."""
+BYTE_VOCAB_SIZE = 260
+"""Embedding rows for byte ids: 256 bytes, the three specials and id 259 (unused)."""
+
+
 class Bytes(Tokenizer):
-    """UTF-8 bytes as ids 0..255 with the demo's specials BOS 256, EOS 257, PAD 258 (``megatron_lc.demo``).
+    """UTF-8 bytes as ids 0..255 with the specials BOS 256, EOS 257 (also the document separator when packing),
+    PAD 258; ``vocab_size`` 260. Needs no file (``load_tokenizer("bytes")``, the demo's tokenizer).
     The specials have no text: decode always drops them (and any id outside 0..255)."""
 
     def __init__(self, eos_token_id: int | None = None):
-        from ..demo import ByteTokenizer
-
         self.name = "bytes"
-        self.vocab_size = ByteTokenizer.vocab_size
-        self.bos_token_id = ByteTokenizer.BOS
-        self.eos_token_id = ByteTokenizer.EOS if eos_token_id is None else int(eos_token_id)
-        self.pad_token_id = ByteTokenizer.PAD
-        self.special_tokens = {"<s>": ByteTokenizer.BOS, "</s>": ByteTokenizer.EOS, "<pad>": ByteTokenizer.PAD}
+        self.vocab_size = BYTE_VOCAB_SIZE
+        self.bos_token_id = BYTE_BOS_ID
+        self.eos_token_id = BYTE_EOS_ID if eos_token_id is None else int(eos_token_id)
+        self.pad_token_id = BYTE_PAD_ID
+        self.special_tokens = {"<s>": BYTE_BOS_ID, "</s>": BYTE_EOS_ID, "<pad>": BYTE_PAD_ID}
 
     def _encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))

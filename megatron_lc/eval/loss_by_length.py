@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..configtools import ConfigError
-
-IGNORE_INDEX = -100
+from ..ops.cross_entropy import IGNORE_INDEX
 
 
 @torch.no_grad()
@@ -120,25 +119,6 @@ def windows_from_tokens(tokens: Sequence[int] | torch.Tensor, seq_len: int, num:
     return torch.stack([tokens[i * seq_len:i * seq_len + seq_len + 1] for i in range(num)])
 
 
-def stdlib_code_text(max_bytes: int = 4 * 2**20) -> str:
-    """Source code of the standard library (.py files in sorted order) up to ``max_bytes``: the default 'code'
-    domain beside the docstring prose."""
-    from ..demo import stdlib_files
-
-    parts, total = [], 0
-    for path in stdlib_files():
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except (OSError, UnicodeDecodeError):
-            continue
-        parts.append(text)
-        total += len(text)
-        if total >= max_bytes:
-            break
-    return "\n".join(parts)[:max_bytes]
-
-
 # ---- table and plot ---------------------------------------------------------------------------------------------
 def _short(n: int) -> str:
     if n >= 1024 and n % 1024 == 0:
@@ -151,7 +131,7 @@ def bucket_labels(edges: Sequence[int]) -> list[str]:
 
 
 def format_table(results: dict[str, dict[str, BucketLoss]], edges: Sequence[int]) -> str:
-    """Text table in the layout of Fu et al.'s Table 5, transposed as our issue asks: rows are domains, columns
+    """Text table in the layout of Fu et al.'s Table 5, transposed: rows are domains, columns
     position buckets plus the token-weighted average; one block per model. From the second model on, a block of
     differences to the first (``+.012`` = worse), as Fu et al. report other data mixtures against the original.
 

@@ -1,6 +1,6 @@
 """Needle in a haystack: hide one sentence in long filler text, ask for it back, over a grid of lengths x depths.
 
-Two variants (templates from the spec):
+Two variants (templates as their authors published them):
 - ``original`` (Kamradt): the San Francisco sandwich sentence; scored by the regex ``sandwich.+?dolores.+?sunny``
   (360's convention) or by word recall of the answer (Fu et al.).
 - ``value`` (Arize value retrieval): "The special magic {city} number is: {7 digits}."; scored by exact match.
@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from ..configtools import ConfigError
+from ..data.stdlib_text import stdlib_docstring_text
 
 # ---- templates --------------------------------------------------------------------------------------------------
 CITIES = ("Chicago", "Yangon", "Antananarivo", "Colombo", "Almaty", "Sydney", "Mexico City", "Seattle", "Lagos",
@@ -111,21 +112,13 @@ def score(output: str, needle: Needle, scoring: str) -> float:
 
 
 # ---- haystack ---------------------------------------------------------------------------------------------------
-def default_haystack_text(max_bytes: int = 4 * 2**20) -> str:
-    """Prose that ships with Python: the standard library's docstrings (megatron_lc.demo.build_corpus), joined by
-    blank lines."""
-    from ..demo import build_corpus
-
-    return "\n\n".join(build_corpus(max_bytes))
-
-
 def load_haystack(path: str | None, tokenizer, vocab_size: int | None = None) -> list[int]:
     """Haystack tokens: ``path`` None -> the stdlib docstrings; a ``.bin`` or ``.idx`` file of a Megatron indexed
     dataset (``megatron_lc.data.indexed``) -> all its documents' ids in file order (the dtype comes from the
     ``.idx``; ids must be below ``vocab_size``); any other file -> its UTF-8 text,
     encoded."""
     if path is None:
-        return tokenizer.encode(default_haystack_text())
+        return tokenizer.encode(stdlib_docstring_text())
     if not os.path.isfile(path):
         raise ConfigError(f"--haystack {path}: no such file; give a text file, a dataset's .bin/.idx file, or leave "
                           f"it out for the stdlib docstrings")

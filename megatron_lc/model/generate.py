@@ -21,6 +21,30 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+class EosTracker:
+    """Which of ``batch_size`` rows have produced an end-of-sequence token (``eos_token_id``: one id, a list, or
+    None for none). ``step`` fills rows that finished earlier with their EOS, as transformers does; ``done`` says
+    when every row has finished (never without EOS ids)."""
+
+    def __init__(self, eos_token_id: int | list[int] | None, batch_size: int, device: torch.device | str):
+        ids = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        self.ids = torch.tensor(ids, device=device, dtype=torch.long)
+        self.finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        """Next tokens ``[B]`` int64 -> the tokens to emit ``[B]`` (finished rows get the first EOS id)."""
+        if self.ids.numel() == 0:
+            return token
+        token = torch.where(self.finished, self.ids[0], token)
+        self.finished |= torch.isin(token, self.ids)
+        return token
+
+    @property
+    def done(self) -> bool:
+        """Every row has produced an EOS (one host sync)."""
+        return self.ids.numel() > 0 and bool(self.finished.all())
+
+
 @torch.no_grad()
 def generate(
     model: Transformer,
@@ -42,21 +66,16 @@ def generate(
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
-    eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
     b, s = input_ids.shape
     dtype = next(model.parameters()).dtype
     cache = KVCache(model.config, b, s + max_new_tokens, dtype, input_ids.device)
-    eos_t = torch.tensor(eos, device=input_ids.device, dtype=torch.long)
-    finished = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
+    eos = EosTracker(eos_token_id, b, input_ids.device)
     out = [input_ids]
     logits = model(input_ids, logits_to_keep=1, cache=cache)[:, -1]  # prefill
     for _ in range(max_new_tokens):
-        token = sample_next(logits, temperature, top_p, generator)
-        if eos:
-            token = torch.where(finished, eos_t[0], token)
-            finished |= torch.isin(token, eos_t)
+        token = eos.step(sample_next(logits, temperature, top_p, generator))
         out.append(token.unsqueeze(1))
-        if eos and bool(finished.all()):
+        if eos.done:
             break
         if len(out) - 1 < max_new_tokens:
             logits = model(token.unsqueeze(1), cache=cache)[:, -1]

@@ -10,26 +10,15 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .. import ops
+from ..ops.rms_norm import rms_norm
+from ..ops.rotary import apply_rotary, apply_rotary_qk
+from ..ops.swiglu import swiglu
 from .config import ModelConfig
 from .dca import dca_attention, role_positions
-from .rope import RotaryEmbedding, apply_rotary, apply_rotary_qk
+from .rope import RotaryEmbedding
 from .tiled_mlp import auto_tile_tokens, tiled_mlp
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``x / rms(x) * weight`` over the last dim, statistics in fp32, cast back to x.dtype before the weight (as
-    HF Qwen2). x ``[..., H]``, weight ``[H]``; the torch implementation behind ``RMSNorm.norm_fn``."""
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(x.dtype)
-
-
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up``, both ``[..., I]``; the torch implementation behind ``MLP.act_fn``."""
-    return F.silu(gate) * up
 
 
 class RMSNorm(nn.Module):
@@ -67,12 +56,15 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """GQA self-attention with RoPE; q/k/v have a bias (Qwen2), o does not."""
+    """GQA self-attention with RoPE; q/k/v have a bias (Qwen2), o does not.
+
+    Projections are viewed as ``[B, S, -1, head_dim]`` (as TorchTitan), so the head counts come from the weights:
+    under tensor parallelism each rank's sharded q/k/v give its H/t and H_kv/t heads without editing the module."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         d, h, hkv = config.head_dim, config.num_heads, config.num_kv_heads
-        self.num_heads, self.num_kv_heads, self.head_dim = h, hkv, d
+        self.head_dim = d
         self.q_proj = nn.Linear(config.hidden_size, h * d, bias=config.qkv_bias)
         self.k_proj = nn.Linear(config.hidden_size, hkv * d, bias=config.qkv_bias)
         self.v_proj = nn.Linear(config.hidden_size, hkv * d, bias=config.qkv_bias)
@@ -84,9 +76,9 @@ class Attention(nn.Module):
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x ``[B, S, hidden]`` -> q ``[B, S, H, D]`` and k, v ``[B, S, H_kv, D]``, RoPE applied to q and k."""
         b, s, _ = x.shape
-        q, k = self.rope_fn(self.q_proj(x).view(b, s, self.num_heads, self.head_dim),
-                            self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim), cos, sin)
-        return q, k, self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
+        q, k = self.rope_fn(self.q_proj(x).view(b, s, -1, self.head_dim),
+                            self.k_proj(x).view(b, s, -1, self.head_dim), cos, sin)
+        return q, k, self.v_proj(x).view(b, s, -1, self.head_dim)
 
     def _dca_forward(self, x, cos, sin, cache, layer):
         # cos/sin: [4, B, S, D/2], one table per DCA role (dca.ROLES): keys, then the three query positions.
@@ -94,15 +86,15 @@ class Attention(nn.Module):
             raise RuntimeError("dual chunk attention is for inference: run under torch.no_grad() (or train without "
                                "model.dual_chunk_attention)")
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim)
-        k = apply_rotary(self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim), cos[0], sin[0])
-        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
+        q = self.q_proj(x).view(b, s, -1, self.head_dim)
+        k = apply_rotary(self.k_proj(x).view(b, s, -1, self.head_dim), cos[0], sin[0])
+        v = self.v_proj(x).view(b, s, -1, self.head_dim)
         start = cache.length if cache is not None else 0
         if cache is not None:
             k, v = cache.update(layer, k, v)
         q = torch.stack([apply_rotary(q, cos[r], sin[r]) for r in (1, 2, 3)])
         out = dca_attention(q, k, v, start, self.dca["chunk_size"], self.dca["local_size"])
-        return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))
+        return self.o_proj(out.reshape(b, s, -1))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None,
                 layer: int = 0) -> torch.Tensor:
@@ -113,7 +105,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)
         out = self.attn_fn(q, k, v, causal=True)  # [B, S, H, D]
-        return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))
+        return self.o_proj(out.reshape(b, s, -1))
 
 
 class MLP(nn.Module):

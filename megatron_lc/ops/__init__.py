@@ -1,8 +1,13 @@
-"""Dispatch of the model's compute ops: attention and linear cross-entropy.
+"""The model's compute ops in torch (the default behind each of the model's hooks) and their dispatch.
 
-The model calls only what is here; later issues add backends (Triton, flash-attn, cuDNN) behind these names.
+RMSNorm, SwiGLU, the rotary embedding's rotation, attention and linear cross-entropy; ``dispatch.apply_kernels``
+swaps in the Triton kernels of ``megatron_lc.kernels``.
 """
 from .attention import attention, causal_mask, sdpa_attention
 from .cross_entropy import IGNORE_INDEX, auto_chunk_tokens, linear_cross_entropy
+from .rms_norm import rms_norm
+from .rotary import apply_rotary, apply_rotary_qk
+from .swiglu import swiglu
 
-__all__ = ["attention", "causal_mask", "sdpa_attention", "IGNORE_INDEX", "auto_chunk_tokens", "linear_cross_entropy"]
+__all__ = ["IGNORE_INDEX", "apply_rotary", "apply_rotary_qk", "attention", "auto_chunk_tokens", "causal_mask",
+           "linear_cross_entropy", "rms_norm", "sdpa_attention", "swiglu"]

@@ -15,6 +15,12 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .attention import attention
+from .cross_entropy import linear_cross_entropy
+from .rms_norm import rms_norm
+from .rotary import apply_rotary_qk
+from .swiglu import swiglu
+
 OPS = ("rmsnorm", "swiglu", "rope", "linear_cross_entropy", "attention")
 CHOICES = ("auto", "torch", "triton")
 
@@ -26,12 +32,8 @@ def _triton_runs_on(device: torch.device) -> bool:
 
 
 def _torch_impl(op: str) -> Callable:
-    from .. import ops
-    from ..model.rope import apply_rotary_qk
-    from ..model.transformer import rms_norm, swiglu
-
     return {"rmsnorm": rms_norm, "swiglu": swiglu, "rope": apply_rotary_qk,
-            "linear_cross_entropy": ops.linear_cross_entropy, "attention": ops.attention}[op]
+            "linear_cross_entropy": linear_cross_entropy, "attention": attention}[op]
 
 
 def _triton_impl(op: str) -> Callable:

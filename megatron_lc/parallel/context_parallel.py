@@ -17,9 +17,10 @@ import functools
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 
 from .ring import allgather_attention, ring_attention
-from .sequence import pad_batch, shard_sequence
+from .cp_sharding import pad_batch, shard_sequence
 
 MODES = ("ring", "allgather", "ulysses", "hybrid")
 
@@ -29,7 +30,9 @@ class ContextParallel:
 
     mesh: the CP sub-mesh; 1-D for ring/allgather/ulysses, 2-D ``(ring, ulysses)`` for hybrid (dimension 0 is the
     ring, dimension 1 the Ulysses group, which should be the faster links). ``layout`` applies to ring/allgather.
-    ``pad=True`` pads sequences at the end to what the layout needs instead of failing.
+    ``pad=True`` pads sequences at the end to a multiple of ``pad_multiple`` instead of failing: by default what the
+    layout needs (``multiple()``); parallelize raises it to ``ParallelDims.seq_len_divisor`` (times tp, as sequence
+    parallelism splits each shard again).
     """
 
     def __init__(self, mesh: DeviceMesh, mode: str = "ring", layout: str = "zigzag", pad: bool = False,
@@ -43,12 +46,14 @@ class ContextParallel:
         if layout not in ("zigzag", "contiguous"):
             raise ValueError(f"unknown layout {layout!r}: use 'zigzag' or 'contiguous'")
         self.mesh, self.mode, self.pad, self.pad_id = mesh, mode, pad, pad_id
-        self.layout = "contiguous" if mode == "ulysses" else layout
+        # The layout of the outer sharding level: hybrid's ring is always zigzag, Ulysses always contiguous.
+        self.layout = {"ulysses": "contiguous", "hybrid": "zigzag"}.get(mode, layout)
         self.group = mesh.get_group(0) if mesh.ndim == 1 else None
         self.size = mesh.size()
         if mode == "hybrid":
             self.ring_group, self.ulysses_group = mesh.get_group(0), mesh.get_group(1)
         self.attention = self._make_attention()
+        self.pad_multiple = self.multiple()
 
     # ---- sharding -------------------------------------------------------------------------------------------------
     def _coordinates(self) -> list[tuple[int, int, str]]:
@@ -109,7 +114,7 @@ class ContextParallel:
             batch["position_ids"] = torch.arange(s, device=batch["input_ids"].device).expand(b, s)
         self._check_same_shapes(batch)
         if self.pad:
-            batch = pad_batch(batch, self.multiple(), self.pad_id)
+            batch = pad_batch(batch, self.pad_multiple, self.pad_id)
         elif s % self.multiple():
             raise ValueError(f"sequence length {s} is not divisible by {self.multiple()} ({self.mode} over "
                              f"{self.size} ranks): pad the batch (ContextParallel(pad=True), which adds -100 labels "
@@ -141,8 +146,10 @@ class ContextParallel:
         """Route the model's attention through this CP group; validates head counts for Ulysses first."""
         if self.mode in ("ulysses", "hybrid"):
             degree = self.size if self.mode == "ulysses" else self.mesh.size(1)
-            # The heads this rank's attention sees: H/tp under tensor parallelism.
-            heads, kv_heads = model.layers[0].attn.num_heads, model.layers[0].attn.num_kv_heads
+            # The heads this rank's attention sees: H/tp under tensor parallelism, read off the (sharded) q/k rows.
+            attn = model.layers[0].attn
+            heads, kv_heads = ((p.weight.to_local() if isinstance(p.weight, DTensor) else p.weight).shape[0]
+                               // attn.head_dim for p in (attn.q_proj, attn.k_proj))
             if heads % degree:
                 raise ValueError(f"Ulysses degree {degree} does not divide num_heads={heads}: pick a degree among "
                                  f"{[d for d in range(1, heads + 1) if heads % d == 0]} or use mode='ring'")

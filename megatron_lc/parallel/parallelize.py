@@ -1,31 +1,58 @@
-"""parallelize(model, dims, mesh, ...): the one place that turns a plain Transformer into a parallel one.
+"""parallelize(model, parallel_dims, cfg): the one place that turns a plain Transformer into a parallel one.
 
-Order (DESIGN.md): tensor parallel (+ sequence parallel, vocab-parallel embedding and loss) -> context parallel
-(attention swap) -> activation checkpointing -> torch.compile per block -> FSDP2 over dp_shard x cp (HSDP when
-dp_replicate > 1). The model is built on the meta device first; ``materialize`` then allocates the local shards
-and fills them from the per-parameter seeded init (or copies given full weights), so every layout gives the
-weights of an eager build.
+Order (DESIGN.md, as TorchTitan's ``models/llama3/infra/parallelize.py``): tensor parallel (+ sequence parallel,
+vocab-parallel embedding and loss) -> context parallel (attention swap) -> activation checkpointing -> torch.compile
+per block -> FSDP2 over dp_shard x cp (HSDP when dp_replicate > 1), each step logged as it is applied. The model is
+built on the meta device first; ``materialize`` then allocates the local shards and fills them from the
+per-parameter seeded init (or copies given full weights), so every layout gives the weights of an eager build.
 """
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+
 import torch
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from .checkpointing import apply_activation_checkpointing
+from .activation_checkpointing import apply_activation_checkpointing
 from .context_parallel import ContextParallel
-from .dims import ParallelDims
+from .parallel_dims import ParallelDims
+
+logger = logging.getLogger(__name__)
 
 
-def apply_fsdp(model: nn.Module, mesh: DeviceMesh, flat: dict[str, DeviceMesh], dims: ParallelDims,
-               param_dtype: torch.dtype | None) -> None:
+@dataclass
+class ParallelizeConfig:
+    """What parallelize applies besides the mesh sizes; the trainer fills it from its TrainConfig (same key names)."""
+
+    kernels: str | dict = "auto"
+    """auto | torch | triton for every op, or {op: choice} (see megatron_lc.ops.dispatch)."""
+    cp_mode: str = "ring"
+    """ring | allgather | ulysses | hybrid (hybrid needs ParallelDims.cp_ulysses > 1)."""
+    cp_layout: str = "zigzag"
+    """zigzag | contiguous, for ring and allgather."""
+    cp_pad: bool = True
+    """Pad each sample's end (labels -100) to what CP x TP need instead of failing."""
+    pad_id: int = 0
+    """Token id of that padding."""
+    activation_checkpointing: str = "none"
+    """none | full | every_k | selective | offload (see activation_checkpointing.py)."""
+    ac_every: int = 1
+    """k of every_k."""
+    compile: bool = False
+    """torch.compile each block."""
+    param_dtype: torch.dtype | None = None
+    """Mixed precision: the dtype FSDP2 casts parameters to for compute (e.g. bf16); None: the parameters' own."""
+
+
+def apply_fsdp(model: nn.Module, parallel_dims: ParallelDims, param_dtype: torch.dtype | None) -> None:
     """FSDP2 ``fully_shard`` each block, then the root (embedding, final norm, lm_head), over dp_shard x cp, with
     HSDP replication over dp_replicate. Gradients are reduced in fp32; ``param_dtype`` (e.g. bf16) is the dtype
     the unsharded parameters take for compute, while the sharded fp32 ones are what the optimizer updates."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    fsdp_mesh = mesh["dp_replicate", "dp_shard_cp"] if dims.dp_replicate > 1 else flat["dp_shard_cp"]
+    fsdp_mesh = parallel_dims.get_mesh("fsdp")
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for i, block in enumerate(model.layers):
         # The last block's parameters are needed first in backward: keep them unsharded after forward.
@@ -33,40 +60,58 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, flat: dict[str, DeviceMesh], 
     fully_shard(model, mesh=fsdp_mesh, mp_policy=policy)
 
 
-def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, flat: dict[str, DeviceMesh], *,
-                cp_mode: str = "ring", cp_layout: str = "zigzag", cp_pad: bool = True,
-                activation_checkpointing: str = "none", ac_every: int = 1, compile: bool = False,
-                param_dtype: torch.dtype | None = None, pad_id: int = 0, kernels: str | dict = "torch",
-                device: torch.device | str = "cpu") -> tuple[ContextParallel | None, dict[str, str]]:
+def _apply_tp(model: nn.Module, parallel_dims: ParallelDims, chosen: dict[str, str]) -> None:
+    from .tensor_parallel import apply_tensor_parallel
+
+    apply_tensor_parallel(model, parallel_dims.get_mesh("tp"))
+    chosen.update(rmsnorm="torch (tensor parallel)", linear_cross_entropy="vocab-parallel torch")
+    for block in model.layers:  # the tiled MLP calls F.linear on the weights, past the TP modules' hooks
+        block.mlp.tile_tokens = -1
+    chosen["mlp"] = "untiled (tensor parallel)"
+    logger.info("applied tensor parallelism (tp=%d, sequence parallel, vocab-parallel embedding and loss)",
+                parallel_dims.tp)
+
+
+def _apply_cp(model: nn.Module, parallel_dims: ParallelDims, cfg: ParallelizeConfig) -> ContextParallel:
+    if (cfg.cp_mode == "hybrid") != (parallel_dims.cp_ulysses > 1):
+        raise ValueError(f"cp_mode={cfg.cp_mode} with a Ulysses degree of {parallel_dims.cp_ulysses}: hybrid needs "
+                         f"parallel.cp_ulysses > 1, the other modes cp_ulysses = 1")
+    cp = ContextParallel(parallel_dims.get_mesh("cp"), mode=cfg.cp_mode, layout=cfg.cp_layout, pad=cfg.cp_pad,
+                         pad_id=cfg.pad_id)
+    # Sequence parallelism splits each CP shard again by tp: pad for both at once.
+    cp.pad_multiple = parallel_dims.seq_len_divisor(cp.layout)
+    cp.apply(model)
+    logger.info("applied context parallelism (%s over cp=%d, %s layout)", cfg.cp_mode, parallel_dims.cp, cp.layout)
+    return cp
+
+
+def parallelize(model: nn.Module, parallel_dims: ParallelDims,
+                cfg: ParallelizeConfig) -> tuple[ContextParallel | None, dict[str, str]]:
     """Choose the ops' kernels, then apply TP, CP, activation checkpointing, compile and FSDP2 to ``model`` (built
-    on the meta device) in place; ``mesh`` and ``flat`` come from ``ParallelDims.build_mesh``. Returns the
+    on the meta device) in place, on the meshes of ``parallel_dims`` (``build_mesh`` must have run). Returns the
     ContextParallel transform (which shards batches; None when cp == 1) and {op: what computes it}."""
     from ..ops.dispatch import apply_kernels
 
     # Under sequence parallelism the norms see DTensors, which a Triton kernel cannot take: they stay torch.
-    chosen = apply_kernels(model, kernels, device, skip=("rmsnorm",) if dims.tp > 1 else ())
-    if dims.tp > 1:
-        from .tensor_parallel import apply_tensor_parallel
-
-        apply_tensor_parallel(model, mesh["tp"])
-        chosen.update(rmsnorm="torch (tensor parallel)", linear_cross_entropy="vocab-parallel torch")
-        for block in model.layers:  # the tiled MLP calls F.linear on the weights, past the TP modules' hooks
-            block.mlp.tile_tokens = -1
-        chosen["mlp"] = "untiled (tensor parallel)"
+    chosen = apply_kernels(model, cfg.kernels, torch.device(parallel_dims.device_type),
+                           skip=("rmsnorm",) if parallel_dims.tp > 1 else ())
+    if parallel_dims.tp > 1:
+        _apply_tp(model, parallel_dims, chosen)
     cp = None
-    if dims.cp > 1:
-        if (cp_mode == "hybrid") != (dims.cp_ulysses > 1):
-            raise ValueError(f"cp_mode={cp_mode} with a Ulysses degree of {dims.cp_ulysses}: hybrid needs "
-                             f"parallel.cp_ulysses > 1, the other modes cp_ulysses = 1")
-        cp = ContextParallel(dims.cp_mesh(mesh), mode=cp_mode, layout=cp_layout, pad=cp_pad, pad_id=pad_id)
-        cp.apply(model)
-        chosen["attention"] = f"{cp_mode} over cp={dims.cp} (blocks: ops.attention_lse)"
-    apply_activation_checkpointing(model, activation_checkpointing, ac_every)
-    if compile:
+    if parallel_dims.cp > 1:
+        cp = _apply_cp(model, parallel_dims, cfg)
+        chosen["attention"] = f"{cfg.cp_mode} over cp={parallel_dims.cp} (blocks: ops.attention_lse)"
+    wrapped = apply_activation_checkpointing(model, cfg.activation_checkpointing, cfg.ac_every)
+    if wrapped:
+        logger.info("applied %s activation checkpointing to %d blocks", cfg.activation_checkpointing, wrapped)
+    if cfg.compile:
         for block in model.layers:
             block.compile()
-    if dims.dp_replicate * dims.fsdp > 1 or param_dtype not in (None, torch.float32):
-        apply_fsdp(model, mesh, flat, dims, param_dtype)
+        logger.info("compiled each of the %d blocks with torch.compile", len(model.layers))
+    if parallel_dims.fsdp_gradient_divide_factor > 1 or cfg.param_dtype not in (None, torch.float32):
+        apply_fsdp(model, parallel_dims, cfg.param_dtype)
+        logger.info("applied FSDP2 over %s (parameters for compute in %s)",
+                    " x ".join(parallel_dims.get_mesh("fsdp").mesh_dim_names), cfg.param_dtype or "their dtype")
     return cp, chosen
 
 

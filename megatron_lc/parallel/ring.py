@@ -1,6 +1,6 @@
 """Exact attention over a sequence sharded across a context-parallel group: ring and all-gather variants.
 
-Both take this rank's shard (zigzag or contiguous layout, see sequence.py) of q ``[B, S_local, H, D]`` and k/v
+Both take this rank's shard (zigzag or contiguous layout, see cp_sharding.py) of q ``[B, S_local, H, D]`` and k/v
 ``[B, S_local, H_kv, D]`` and return this rank's shard of the output ``[B, S_local, H, D]``.
 
 - ``ring_attention``: K/V blocks travel around the ring with asynchronous P2P, the next transfer overlapping the
@@ -20,19 +20,21 @@ import torch.distributed as dist
 
 from ..ops.attention_lse import block_backward, block_forward, merge_into
 from .comm import all_gather_into, reduce_scatter_into
-from .sequence import chunk_ids
+from .cp_sharding import chunk_ids
 
 _KV_TAG, _GRAD_TAG = 11, 12
 _ALL = slice(None)
 _BACKWARD_QUERY_PIECES = 4  # the backward's off-diagonal blocks run a quarter of the local queries at a time
 
 
-class _RingComm:
-    """Send to the next rank of the group and receive from the previous one, asynchronously.
+class RingComm:
+    """Send to the next rank of the group and receive from the previous one, asynchronously (as ring-flash-attn's
+    ``utils.RingComm``): ``start`` posts the sends and receives, ``wait`` completes them.
 
     Buffers ping-pong: a block we received and have sent on (``start(..., recycle=True)``) receives the block after
     next. Two buffers per tensor then serve the whole ring, where fresh ones would cost a third: the old block is
-    alive until its send completes, and gloo holds a sent tensor until the next send.
+    alive until its send completes, and gloo holds a sent tensor until the next send. ``group``: the ring's
+    process group; ``tag``: the P2P tag that keeps this communicator's traffic (K/V, or dK/dV) apart.
     """
 
     def __init__(self, group: dist.ProcessGroup, tag: int):
@@ -67,6 +69,7 @@ class _RingComm:
         return dist.batch_isend_irecv(ops)
 
     def wait(self) -> None:
+        """Block until the started transfer is done: the buffers ``start`` returned then hold the arrived tensors."""
         for request in self.requests:
             request.wait()
         self.spare = self.sending if self.recycle else None
@@ -81,8 +84,8 @@ def _rank_world(group) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def _comm(group, tag: int) -> _RingComm:
-    return group.ring_comm(tag) if hasattr(group, "ring_comm") else _RingComm(group, tag)
+def _comm(group, tag: int) -> RingComm:
+    return group.ring_comm(tag) if hasattr(group, "ring_comm") else RingComm(group, tag)
 
 
 def _visible_part(step: int, rank: int, world: int, s_local: int, causal: bool, layout: str):

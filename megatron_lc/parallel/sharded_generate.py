@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..model.generate import sample_next
+from ..model.generate import EosTracker, sample_next
 from ..model.transformer import KVCache, Transformer
 from ..ops.attention_lse import block_forward, merge_into
 from .comm import all_gather_into
@@ -82,9 +82,7 @@ def generate_sharded(model: Transformer, cp: ContextParallel, input_ids: torch.T
     dtype = next(model.parameters()).dtype
     decode_tokens = s - prefill + max_new_tokens
     cache = ShardedKVCache(model, b, prefill // world + -(-decode_tokens // world), dtype, input_ids.device)
-    eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    eos_t = torch.tensor(eos, device=input_ids.device, dtype=torch.long)
-    finished = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
+    eos = EosTracker(eos_token_id, b, input_ids.device)
 
     ring_attention = model.layers[0].attn.attn_fn
     local = cp.shard_batch({"input_ids": input_ids[:, :prefill]})
@@ -100,11 +98,9 @@ def generate_sharded(model: Transformer, cp: ContextParallel, input_ids: torch.T
                 token = sample_next(logits, temperature, top_p, generator)
                 if temperature > 0:  # one draw for all: ranks' random states need not agree
                     dist.broadcast(token, src=dist.get_global_rank(cp.group, 0), group=cp.group)
-                if eos:
-                    token = torch.where(finished, eos_t[0], token)
-                    finished |= torch.isin(token, eos_t)
+                token = eos.step(token)
                 out.append(token.unsqueeze(1))
-                if (eos and bool(finished.all())) or t == s + max_new_tokens - 1:
+                if eos.done or t == s + max_new_tokens - 1:
                     break
             cache.keep = (t - prefill) % world == rank
             pos = torch.full((b, 1), t, dtype=torch.long, device=input_ids.device)

@@ -19,13 +19,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .ring import _RingComm, ring_attention
-from .sequence import chunk_ids, shard_sequence
+from .cp_sharding import shard_sequence
+from .ring import RingComm, ring_attention
 
 
-class _LocalComm(_RingComm):
+class _LocalComm(RingComm):
     """The ring's communicator with the transfer replaced by a local copy (the stand-in for the neighbour's block).
-    Keeps _RingComm's bookkeeping (buffers held until wait, ping-pong recycling), so the memory is the real one."""
+    Keeps RingComm's bookkeeping (buffers held until wait, ping-pong recycling), so the memory is the real one."""
 
     def _connect(self) -> None:  # no peers: the "previous rank" is this process
         self.next = self.prev = None
@@ -49,7 +49,7 @@ class SimulatedRing:
         if not (isinstance(self.rank, int) and 0 <= self.rank < self.world):
             raise ValueError(f"rank must be in [0, {self.world}), got {self.rank!r}")
 
-    def ring_comm(self, tag: int) -> _RingComm:
+    def ring_comm(self, tag: int) -> RingComm:
         """The communicator ``ring_attention`` uses for one kind of traffic (K/V or dK/dV)."""
         return _LocalComm(self, tag)
 
@@ -75,8 +75,3 @@ def shard_batch_for_rank(batch: dict[str, torch.Tensor], rank: int, world: int,
     batch = dict(batch)
     batch.setdefault("position_ids", torch.arange(s, device=batch["input_ids"].device).expand(b, s))
     return {name: shard_sequence(t, rank, world, dim=1, layout=layout) for name, t in batch.items()}
-
-
-def rank_chunks(rank: int, world: int, layout: str = "zigzag") -> tuple[int, ...]:
-    """The chunk indices of the global sequence that rank ``rank`` holds (2 x world chunks for zigzag)."""
-    return chunk_ids(rank, world, layout)

@@ -14,8 +14,6 @@ holds more than ``[chunk, V/t]`` logits, and full-vocabulary logits never exist.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -30,52 +28,22 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from ..ops.cross_entropy import IGNORE_INDEX, auto_chunk_tokens, chunk_grads, scaled_grads
-
-# Test hook: when set, called with the shape of every chunk's local logits (to check none is [N, V]).
-_logits_probe: Callable[[torch.Size], None] | None = None
+from ..ops.cross_entropy import IGNORE_INDEX, auto_chunk_tokens, check_loss_inputs, chunked_loss_sum
 
 
 # ---- vocab-parallel loss -----------------------------------------------------------------------------------------
-class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """Loss sum over all N tokens from this rank's vocabulary rows; like ops.cross_entropy, the gradients are
-    computed chunk by chunk in forward. The hidden gradient is this rank's summand (the caller reduces it)."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_tokens, vocab_start, group, need_grad):
-        n, v_local = hidden.shape[0], weight.shape[0]
-        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden) if need_grad else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
-        for start in range(0, n, chunk_tokens):
-            h = hidden[start:start + chunk_tokens]  # [c, hidden]
-            y = labels[start:start + chunk_tokens]  # [c]
-            logits = (h @ weight.t()).float()  # [c, V/t] fp32
-            if _logits_probe is not None:
-                _logits_probe(logits.shape)
-            valid = y != IGNORE_INDEX
-            mine = valid & (y >= vocab_start) & (y < vocab_start + v_local)  # this rank holds the target's row
-            local_y = torch.where(mine, y - vocab_start, 0)
-            row_max = logits.max(dim=-1).values
-            dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
-            logits.sub_(row_max.unsqueeze(1))
-            # One all-reduce for both sums: exp-sum over every shard, and the target logit from its owner (others 0).
-            sums = torch.stack([logits.exp().sum(-1), logits.gather(1, local_y.unsqueeze(1)).squeeze(1) * mine])
-            dist.all_reduce(sums, group=group)
-            log_sum_exp = sums[0].log()  # of the max-shifted logits
-            loss_sum += ((log_sum_exp - sums[1]) * valid).sum()
-            if need_grad:  # softmax - onehot(target) on this rank's columns
-                chunk_grads(logits, log_sum_exp, local_y, mine, valid, h, weight,
-                            grad_hidden[start:start + chunk_tokens], grad_weight)
-            del logits
-        if need_grad:
-            ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.weight_dtype = weight.dtype
-        return loss_sum
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        return (*scaled_grads(ctx, grad_out), None, None, None, None, None)
+def vocab_parallel_row_stats(logits: torch.Tensor, target: torch.Tensor, has_target: torch.Tensor,
+                             group: dist.ProcessGroup) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ops.cross_entropy.RowStats`` over a TP group: logits ``[c, V/t]`` are this rank's vocabulary columns.
+    Shifts them in place by the global row max; returns lse ``[c]`` and the target logit ``[c]`` (from the rank
+    that holds it) of the shifted rows, the same on every rank."""
+    row_max = logits.max(dim=-1).values
+    dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+    logits.sub_(row_max.unsqueeze(1))
+    # One all-reduce for both sums: exp-sum over every shard, and the target logit from its owner (others 0).
+    sums = torch.stack([logits.exp().sum(-1), logits.gather(1, target.unsqueeze(1)).squeeze(1) * has_target])
+    dist.all_reduce(sums, group=group)
+    return sums[0].log(), sums[1]
 
 
 def vocab_parallel_cross_entropy(hidden: torch.Tensor, weight: DTensor, labels: torch.Tensor,
@@ -92,15 +60,7 @@ def vocab_parallel_cross_entropy(hidden: torch.Tensor, weight: DTensor, labels: 
         got = f"{weight.device_mesh.ndim}-D mesh, {weight.placements}" if isinstance(weight, DTensor) else "a tensor"
         raise ValueError(f"vocab_parallel_cross_entropy needs weight as a DTensor Shard(0) on a 1-D TP mesh, got "
                          f"{got}: apply apply_tensor_parallel to the model, or use ops.linear_cross_entropy")
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"hidden {tuple(hidden.shape)} must be [N, H] and weight {tuple(weight.shape)} [V, H]")
-    if labels.shape != hidden.shape[:1]:
-        raise ValueError(f"labels {tuple(labels.shape)} must be [N] for hidden {tuple(hidden.shape)}")
-    vocab = weight.shape[0]
-    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab))
-    if bad.any():
-        raise ValueError(f"label {int(labels[bad][0])} is outside the vocabulary [0, {vocab}) "
-                         f"and is not the ignore index {IGNORE_INDEX}")
+    check_loss_inputs(hidden, weight, labels)
     mesh = weight.device_mesh
     if not isinstance(hidden, DTensor):
         hidden = DTensor.from_local(hidden, mesh, [Replicate()], run_check=False)
@@ -112,10 +72,11 @@ def vocab_parallel_cross_entropy(hidden: torch.Tensor, weight: DTensor, labels: 
     # on the way back (a reduce-scatter to the sequence shards under SP, an all-reduce for a plain hidden).
     h = hidden.to_local(grad_placements=[Partial()])
     w = weight.to_local()
-    chunk_tokens = chunk_tokens or auto_chunk_tokens(w.shape[0])
-    need_grad = torch.is_grad_enabled() and (h.requires_grad or w.requires_grad)
-    vocab_start = mesh.get_local_rank() * w.shape[0]
-    loss_sum = _VocabParallelCrossEntropy.apply(h, w, labels, chunk_tokens, vocab_start, mesh.get_group(), need_grad)
+    # Each rank's chunk loop sees [chunk, V/t] logits; the row statistics are reduced over the group.
+    group = mesh.get_group()
+    loss_sum = chunked_loss_sum(h, w, labels, chunk_tokens or auto_chunk_tokens(w.shape[0]),
+                                vocab_start=mesh.get_local_rank() * w.shape[0],
+                                row_stats=lambda *stats: vocab_parallel_row_stats(*stats, group))
     return loss_sum, (labels != IGNORE_INDEX).sum()
 
 
@@ -145,8 +106,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_par
     """Shard a ``Transformer`` (eager or built on the meta device) over the 1-D ``tp_mesh`` in place.
 
     Attention/MLP weights become DTensors (colwise q/k/v/gate/up, rowwise o/down), embedding and lm_head are
-    vocab-sharded (and stay tied when the config ties them), norms are replicated, each attention module's head
-    counts become the local ones, and ``model.loss_fn`` becomes ``vocab_parallel_cross_entropy``. With
+    vocab-sharded (and stay tied when the config ties them), norms are replicated (attention sees H/t local heads
+    through its -1 reshape), and ``model.loss_fn`` becomes ``vocab_parallel_cross_entropy``. With
     ``sequence_parallel`` the residual stream is sharded over the sequence (S must then divide by the TP degree).
     Every TP rank must feed the same batch. A meta-built model is then filled by ``parallelize.materialize``.
     ``hidden_states`` then returns a Replicate DTensor; logits (no labels) stay plain full ``[B, S, V]`` tensors.
@@ -184,9 +145,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_par
         else:
             _replicate_norm(block.attn_norm, tp_mesh, local_output=True)
             _replicate_norm(block.mlp_norm, tp_mesh, local_output=True)
-        parallelize_module(block, tp_mesh, plan)
-        block.attn.num_heads //= tp
-        block.attn.num_kv_heads //= tp
+        parallelize_module(block, tp_mesh, plan)  # attention reshapes with -1 heads: it needs no local head count
 
     parallelize_module(model, tp_mesh, {
         # Vocab-sharded rows; each token's row lives on one rank, so the output is reduce-scattered (or all-reduced).

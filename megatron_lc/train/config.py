@@ -26,7 +26,8 @@ class ModelSection:
     config: dict[str, Any] = field(default_factory=dict)
     """ModelConfig fields (all of them without a preset, or overrides of the preset's)."""
     init_from: str | None = None
-    """An HF Qwen2 folder (config.json + safetensors) to start from; None: random init from train.seed."""
+    """Weights to start from: an HF Qwen2 folder (config.json + safetensors) or a step_<N>/ checkpoint; None: random
+    init from train.seed."""
 
     def build(self) -> ModelConfig:
         if self.preset is None and not self.config:
@@ -165,7 +166,7 @@ class TrainSection:
     """bfloat16 | float32: parameters and activations (gradients are reduced in fp32)."""
     activation_checkpointing: str = "none"
     """none | full (every block) | every_k (every ac_every-th block) | selective (keep attention's output and lse,
-    recompute the rest) | offload (full, block inputs in host memory); see megatron_lc/parallel/checkpointing.py."""
+    recompute the rest) | offload (full, block inputs in host memory); see parallel/activation_checkpointing.py."""
     ac_every: int = 2
     """k of every_k."""
     compile: bool = False
@@ -199,21 +200,14 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def to_yaml(self) -> str:
-        data = self.to_dict()
-        data["optim"]["betas"] = list(data["optim"]["betas"])
-        return yaml.safe_dump(data, sort_keys=False)
-
     # ---- checks ---------------------------------------------------------------------------------------------
     def check(self) -> None:
         """Raise ConfigError naming the key for impossible values and combinations (no processes needed)."""
         model = self.model_config()
         p, d, t = self.parallel, self.data, self.train
-        for name in ("dp_replicate", "cp", "tp"):
-            if getattr(p, name) < 1:
-                raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(p, name)}")
-        if p.dp_shard < 1 and p.dp_shard != -1:
-            raise ConfigError(f"parallel.dp_shard must be >= 1 or -1 (the rest of the world), got {p.dp_shard}")
+        from ..parallel.parallel_dims import check_sizes
+
+        check_sizes(p.dp_replicate, p.dp_shard, p.cp, p.tp)
         _choice("parallel.cp_mode", p.cp_mode, ("ring", "allgather", "ulysses", "hybrid"))
         _choice("parallel.cp_layout", p.cp_layout, ("zigzag", "contiguous"))
         _choice("schedule.kind", self.schedule.kind, ("cosine", "constant", "warmup_constant"))
@@ -279,22 +273,13 @@ class TrainConfig:
                               f"divide num_heads={model.num_heads}; use cp_mode=ring")
 
     def check_world(self, world_size: int) -> dict[str, int]:
-        """Resolve dp_shard=-1 and check that dp_replicate x dp_shard x cp x tp == world_size and that the global
-        batch divides. Returns the sizes {dp_replicate, dp_shard, cp, tp, accumulation}."""
+        """Check that dp_replicate x dp_shard x cp x tp == world_size (ParallelDims resolves dp_shard=-1) and that
+        the global batch divides. Returns the sizes {dp_replicate, dp_shard, cp, tp, cp_ulysses, accumulation}."""
+        from ..parallel.parallel_dims import ParallelDims
+
         p = self.parallel
-        others = p.dp_replicate * p.cp * p.tp
-        if p.dp_shard == -1:
-            if world_size % others:
-                raise ConfigError(f"world size {world_size} is not divisible by dp_replicate x cp x tp = {others}: "
-                                  f"launch a multiple of {others} processes or change parallel.*")
-            dp_shard = world_size // others
-        else:
-            dp_shard = p.dp_shard
-            if others * dp_shard != world_size:
-                raise ConfigError(f"parallel dp_replicate x dp_shard x cp x tp = {p.dp_replicate} x {dp_shard} x "
-                                  f"{p.cp} x {p.tp} = {others * dp_shard} but the world has {world_size} processes; "
-                                  f"set parallel.dp_shard=-1 to fill the world")
-        dp = p.dp_replicate * dp_shard
+        dims = ParallelDims(p.dp_replicate, p.dp_shard, p.cp, p.tp, world_size, cp_ulysses=p.cp_ulysses)
+        dp_shard, dp = dims.dp_shard, dims.dp
         per_micro = self.data.seq_len * self.data.micro_batch_size * dp
         accumulation = 1
         if self.data.global_batch_tokens:

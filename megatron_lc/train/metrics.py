@@ -1,11 +1,11 @@
-"""Training metrics: model FLOPs and MFU, throughput, peak memory, JSONL + TensorBoard logs, a progress line.
+"""Training metrics: MFU (of the model FLOPs counted in megatron_lc.model.flops), JSONL + TensorBoard logs, a
+progress line (peak memory: megatron_lc.memory).
 
 The FLOP count and its conventions are derived in docs/mfu.md; ``python -m megatron_lc.train.metrics qwen2-7b
 32768`` prints the per-term breakdown.
 """
 from __future__ import annotations
 
-import collections
 import json
 import math
 import numbers
@@ -17,43 +17,12 @@ from typing import TextIO
 
 import torch
 
-from ..model.config import ModelConfig
+from ..model.flops import forward_flops_breakdown, train_flops_per_token
 
 PEAK_FLOPS_ENV = "MEGATRON_LC_PEAK_FLOPS"
 
 
-# ---- FLOPs ---------------------------------------------------------------------------------------------------------
-def forward_flops_breakdown(config: ModelConfig, seq_len: int, *, causal: bool = True) -> dict[str, float]:
-    """Forward matmul FLOPs per token, by term, for a ``seq_len``-token sequence (a multiply-add is 2 FLOPs).
-
-    Keys: ``qkvo`` (q/k/v/o projections, all layers), ``mlp`` (SwiGLU gate/up/down, all layers), ``attention``
-    (scores Q K^T and weighted values P V, all layers), ``lm_head``. Elementwise work (norms, RoPE, softmax, SiLU,
-    biases) and the embedding lookup (a gather) are not matmuls and are not counted.
-    """
-    if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len <= 0:
-        raise ValueError(f"seq_len must be a positive integer (tokens per sequence), got {seq_len!r}")
-    h, d, L = config.hidden_size, config.head_dim, config.num_layers
-    q_width, kv_width = config.num_heads * d, config.num_kv_heads * d
-    # Under a causal mask query i sees keys 0..i: summed over i < S that is S(S+1)/2 pairs, (S+1)/2 per token.
-    # FlashAttention skips the fully masked blocks, so the halved count is the work actually done.
-    keys = (seq_len + 1) / 2 if causal else seq_len
-    return {
-        "qkvo": L * 2.0 * h * (2 * q_width + 2 * kv_width),  # q and o: h x q_width; k and v: h x kv_width (GQA)
-        "mlp": L * 2.0 * 3 * h * config.intermediate_size,
-        "attention": L * 2 * 2.0 * config.num_heads * d * keys,  # two matmuls (QK^T, PV) per query head
-        "lm_head": 2.0 * h * config.vocab_size,  # counted when tied too: the matmul is done either way
-    }
-
-
-def train_flops_per_token(config: ModelConfig, seq_len: int, *, causal: bool = True) -> float:
-    """Model FLOPs of one trained token (forward + backward = 3 x forward) at ``seq_len`` tokens per sequence.
-
-    ``causal=False`` counts every query-key pair (full attention), for comparison with formulas that do.
-    Activation recomputation is not counted: MFU measures useful model work, not hardware work.
-    """
-    return 3.0 * sum(forward_flops_breakdown(config, seq_len, causal=causal).values())
-
-
+# ---- peak FLOP/s and MFU (model FLOPs per token: megatron_lc.model.flops) ------------------------------------
 # Dense (no 2:4 sparsity) peak FLOP/s from NVIDIA's datasheets, keyed by a substring of torch.cuda.get_device_name.
 # First match wins, so specific names come before the generic ones. NVL parts run at other clocks: not listed.
 _PEAKS: list[tuple[str, dict[str, float]]] = [
@@ -121,93 +90,6 @@ def mfu(tokens_per_second: float, flops_per_token: float, peak: float, world_siz
         raise ValueError(f"tokens_per_second and flops_per_token must be >= 0, got {tokens_per_second!r} and "
                          f"{flops_per_token!r}")
     return tokens_per_second * flops_per_token / (peak * world_size)
-
-
-# ---- throughput ----------------------------------------------------------------------------------------------------
-class StepTimer:
-    """Wall time and tokens/s of the last step, and over the last ``window`` steps.
-
-    ``start()`` before a step, ``stop(tokens)`` after it. On CUDA, pass ``device`` so stop() waits for the queued
-    kernels; otherwise the time would be that of launching them.
-    """
-
-    def __init__(self, window: int = 20, *, device: torch.device | None = None,
-                 clock: Callable[[], float] = time.perf_counter):
-        if not (isinstance(window, int) and window >= 1):
-            raise ValueError(f"window must be a positive integer (steps), got {window!r}")
-        self.device = torch.device(device) if device is not None else None
-        self.clock = clock
-        self._recent: collections.deque[tuple[int, float]] = collections.deque(maxlen=window)
-        self._started: float | None = None
-
-    def start(self) -> None:
-        self._started = self.clock()
-
-    def stop(self, tokens: int) -> float:
-        """End the step that trained ``tokens`` tokens (all ranks together); returns its seconds."""
-        if self._started is None:
-            raise RuntimeError("StepTimer.stop() without start(): call start() before each step")
-        if self.device is not None and self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        seconds = self.clock() - self._started
-        self._started = None
-        self._recent.append((tokens, seconds))
-        return seconds
-
-    @property
-    def last_seconds(self) -> float | None:
-        return self._recent[-1][1] if self._recent else None
-
-    @property
-    def tokens_per_second(self) -> float | None:
-        """Tokens/s of the last step."""
-        return self._rate([self._recent[-1]]) if self._recent else None
-
-    @property
-    def smoothed_tokens_per_second(self) -> float | None:
-        """Tokens/s over the window: total tokens / total seconds, so each step weighs by its duration."""
-        return self._rate(self._recent) if self._recent else None
-
-    @staticmethod
-    def _rate(steps) -> float:
-        seconds = sum(s for _, s in steps)
-        return sum(t for t, _ in steps) / seconds if seconds > 0 else math.inf
-
-
-# ---- memory --------------------------------------------------------------------------------------------------------
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak memory in bytes since the last reset_peak_memory: allocated tensors on CUDA; the whole process's
-    resident set (VmHWM: Python, libraries and tensors) on CPU."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    if device.type != "cpu":
-        raise ValueError(f"peak_memory_bytes supports cuda and cpu devices, got {device}")
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024  # reported in kB
-    except OSError:
-        pass
-    import resource  # no /proc (macOS): the lifetime peak, in bytes there
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-
-
-def reset_peak_memory(device: torch.device) -> bool:
-    """Start a new peak for peak_memory_bytes; returns False where that is impossible (CPU without a writable
-    /proc/self/clear_refs: the peak then runs from process start)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return True
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # Linux: "5" resets VmHWM to the current resident set
-        return True
-    except OSError:
-        return False
 
 
 # ---- logs ----------------------------------------------------------------------------------------------------------
@@ -343,17 +225,18 @@ class Progress:
     At most one line per ``every_seconds`` (plus the last step and forced updates). On a terminal the line is
     rewritten in place; elsewhere (a log file) each is a plain line. ``stream`` defaults to sys.stderr at print
     time. The ETA uses the mean step time since the first update (whose step is taken as one step after the
-    start, so a resumed run's ETA counts only this run's steps).
+    start, so a resumed run's ETA counts only this run's steps); ``time_limit_s`` (a run that stops after that many
+    seconds from here) caps it at the time left.
     """
 
     def __init__(self, total_steps: int, *, rank: int, stream: TextIO | None = None, every_seconds: float = 10.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 time_limit_s: float | None = None, clock: Callable[[], float] = time.monotonic):
         if not (isinstance(total_steps, int) and total_steps >= 1):
             raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}")
         if not every_seconds >= 0:
             raise ValueError(f"every_seconds must be >= 0, got {every_seconds!r}")
         self.total, self.active, self.stream = total_steps, rank == 0, stream
-        self.every, self.clock = every_seconds, clock
+        self.every, self.clock, self.time_limit = every_seconds, clock, time_limit_s
         self._start, self._first_step = clock(), None
         self._last_print = -math.inf
         self._width = 0  # length of the line on a terminal, to blank a longer previous one
@@ -365,7 +248,11 @@ class Progress:
         if self._first_step is not None and step < self.total:
             done = step - self._first_step + 1
             if done > 0:
-                parts.append("ETA " + _duration((self.clock() - self._start) / done * (self.total - step)))
+                elapsed = self.clock() - self._start
+                eta = elapsed / done * (self.total - step)
+                if self.time_limit is not None:
+                    eta = min(eta, max(0.0, self.time_limit - elapsed))
+                parts.append("ETA " + _duration(eta))
         return " | ".join(parts)
 
     def update(self, step: int, metrics: dict[str, float] | None = None, *, force: bool = False) -> None:
@@ -386,6 +273,18 @@ class Progress:
             self._width = 0 if last or force else len(line)
         else:
             stream.write(line + "\n")
+        stream.flush()
+
+    def message(self, line: str) -> None:
+        """Print ``line`` (an evaluation, a note) on a line of its own on rank 0, ending a status line that a
+        terminal shows unfinished, so the next update starts below it."""
+        if not self.active:
+            return
+        stream = self.stream or sys.stderr
+        if self._width:
+            stream.write("\n")
+            self._width = 0
+        stream.write(line + "\n")
         stream.flush()
 
 

@@ -9,7 +9,6 @@ A step without target tokens is skipped and counted; a non-finite loss or gradie
 from __future__ import annotations
 
 import math
-import os
 import signal
 import time
 
@@ -17,35 +16,23 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from ..checkpoint import folders as ckpt
+from ..checkpoint.convert import load_model
 from ..data.loader import Loader
+from ..distributed import init_process_group, process_group
+from ..memory import peak_memory_bytes, reset_peak_memory
 from ..model import Transformer
-from ..parallel.dims import ParallelDims
-from ..parallel.parallelize import materialize, parallelize
-from . import checkpoint as ckpt
+from ..model.flops import train_flops_per_token
+from ..parallel.parallel_dims import ParallelDims
+from ..parallel.parallelize import ParallelizeConfig, materialize, parallelize
 from .config import TrainConfig
 from .data_source import train_samples, val_samples
-from .metrics import MetricsLogger, Progress, mfu, peak_flops_per_second, peak_memory_bytes, reset_peak_memory, \
-    train_flops_per_token
+from .metrics import MetricsLogger, Progress, mfu, peak_flops_per_second
 from .optim import build_optimizer, build_scheduler
 
 
 class TrainingAborted(RuntimeError):
     """Too many bad steps in a row (non-finite loss or gradients)."""
-
-
-def init_distributed(device_type: str) -> bool:
-    """Join torchrun's process group, or make a one-process group when run without torchrun. Returns whether it
-    created the group (and so should destroy it: exiting with live gloo threads aborts the process)."""
-    if dist.is_initialized():
-        return False
-    backend = "nccl" if device_type == "cuda" else "gloo"
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        if device_type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend)
-    else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    return True
 
 
 def _device(cfg: TrainConfig) -> torch.device:
@@ -66,46 +53,48 @@ def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
+def _parallelize_config(cfg: TrainConfig, param_dtype: torch.dtype | None) -> ParallelizeConfig:
+    """The run config's parallelize settings (same key names as the YAML's parallel.* and train.*)."""
+    p, t = cfg.parallel, cfg.train
+    return ParallelizeConfig(kernels=t.kernels, cp_mode=p.cp_mode, cp_layout=p.cp_layout, cp_pad=p.cp_pad,
+                             activation_checkpointing=t.activation_checkpointing, ac_every=t.ac_every,
+                             compile=t.compile, param_dtype=param_dtype)
+
+
 class Trainer:
-    """Builds everything from a TrainConfig (collective: every rank constructs one) and runs the loop."""
+    """Builds everything from a TrainConfig (collective: every rank constructs one) and runs the loop. Joins the
+    process group there is, or starts torchrun's or a one-process one (``train`` ends it: megatron_lc.distributed)."""
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
-        device = _device(cfg)
-        self.owns_process_group = init_distributed(device.type)
+        init_process_group(_device(cfg).type)
         self.device = _device(cfg)
         self.rank, world = dist.get_rank(), dist.get_world_size()
         sizes = cfg.check_world(world)
         self.accumulation = sizes.pop("accumulation")
         self.dims = ParallelDims(world_size=world, **sizes)
-        self.mesh, self.flat_mesh = self.dims.build_mesh(self.device.type)
-        self.dp_cp_group = self.flat_mesh["dp_cp"].get_group()
+        self.dims.build_mesh(self.device.type)
+        self.dp_cp_group = self.dims.get_mesh("dp_cp").get_group()
         self.model_config = cfg.model_config()
         with torch.device("meta"):
             self.model = Transformer(self.model_config)
         param_dtype = torch.bfloat16 if cfg.train.dtype == "bfloat16" else None
-        p = cfg.parallel
-        self.cp, self.kernels = parallelize(
-            self.model, self.dims, self.mesh, self.flat_mesh, cp_mode=p.cp_mode, cp_layout=p.cp_layout,
-            cp_pad=p.cp_pad, activation_checkpointing=cfg.train.activation_checkpointing, ac_every=cfg.train.ac_every,
-            compile=cfg.train.compile, param_dtype=param_dtype, kernels=cfg.train.kernels, device=self.device)
+        self.cp, self.kernels = parallelize(self.model, self.dims, _parallelize_config(cfg, param_dtype))
         if self.rank == 0:
             print(f"[megatron-lc] kernels: {', '.join(f'{op}={name}' for op, name in self.kernels.items())}",
                   flush=True)
         # FSDP/HSDP average gradients over their ranks; the loss scale below multiplies that back to a sum.
-        self.grad_divisor = self.dims.dp_replicate * self.dims.fsdp if hasattr(self.model, "reshard") else 1
+        self.grad_divisor = self.dims.fsdp_gradient_divide_factor
         full_weights = None
         if cfg.model.init_from:
-            from ..model import load_hf
-
-            full_weights = dict(load_hf(cfg.model.init_from).named_parameters())
+            full_weights = dict(load_model(cfg.model.init_from, flag="model.init_from").named_parameters())
         materialize(self.model, self.device, cfg.train.seed, full_weights)
         self.params = [q for q in self.model.parameters() if q.requires_grad]
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.train.steps, cfg.schedule)
         d = cfg.data
         samples = train_samples(d, self.model_config.vocab_size)
-        self.dp_rank = self.flat_mesh["dp"].get_local_rank()
+        self.dp_rank = self.dims.get_mesh("dp").get_local_rank()
         self.loader = Loader(samples, d.micro_batch_size, self.dims.dp, self.dp_rank)
         self.val_samples = val_samples(d, self.model_config.vocab_size)
         self.step, self.skipped, self.bad_in_row, self.tokens_seen = 0, 0, 0, 0
@@ -270,10 +259,5 @@ class Trainer:
 def train(cfg: TrainConfig) -> list[dict[str, float]]:
     """Build a Trainer from ``cfg`` and run it; returns the per-step metrics. Tears down the process group it
     started (under torchrun, or alone), so the process exits cleanly."""
-    trainer = Trainer(cfg)
-    try:
-        return trainer.run()
-    finally:
-        if trainer.owns_process_group and dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+    with process_group(_device(cfg).type):
+        return Trainer(cfg).run()

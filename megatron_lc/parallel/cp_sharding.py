@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from ..ops.cross_entropy import IGNORE_INDEX
+
 LAYOUTS = ("zigzag", "contiguous")
-IGNORE_INDEX = -100
 
 
 def _pieces(layout: str, cp_size: int) -> int:

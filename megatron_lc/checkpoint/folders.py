@@ -1,13 +1,10 @@
-"""Checkpoints: ``step_<N>/`` folders written with torch.distributed.checkpoint (DCP), valid once a marker exists.
+"""Our checkpoints: ``step_<N>/`` folders written with torch.distributed.checkpoint (DCP), valid once a marker exists.
 
 A folder holds the model and optimizer (DCP shards: they reshard on load to any world size or mesh), and
 ``trainer_state.pt`` (step, scheduler, loader state, config, written by rank 0) plus ``rng_rank<r>.pt`` per rank.
 The marker ``COMPLETE`` is written last, by rank 0, after every rank has finished writing: a crash at any earlier
 point leaves a folder without it, which ``find_checkpoints`` reports and ``--resume auto`` ignores. Old complete
 folders beyond ``keep`` are deleted only after the new one is complete.
-
-Fault injection for tests: ``MEGATRON_LC_FAULT=save_before_marker`` makes ``save`` raise after the shards are
-written and before the marker.
 """
 from __future__ import annotations
 
@@ -21,16 +18,18 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 MARKER = "COMPLETE"
-FAULT_ENV = "MEGATRON_LC_FAULT"
+TRAINER_STATE = "trainer_state.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
-class InjectedFault(RuntimeError):
-    """Raised by save() when the fault-injection switch asks it to (tests only)."""
-
-
 def step_dir(root: str, step: int) -> str:
+    """The folder of step ``step`` under the run's checkpoint root."""
     return os.path.join(root, f"step_{step}")
+
+
+def is_checkpoint(path: str) -> bool:
+    """Whether folder ``path`` is one of our checkpoints (it holds the rank-0 trainer state), complete or not."""
+    return os.path.isfile(os.path.join(path, TRAINER_STATE))
 
 
 def find_checkpoints(root: str) -> tuple[list[tuple[int, str]], list[str]]:
@@ -80,20 +79,23 @@ def save(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | N
     dcp.save(state, checkpoint_id=path)
     torch.save(_rng_state(), os.path.join(path, f"rng_rank{rank}.pt"))
     if rank == 0:
-        torch.save(trainer_state, os.path.join(path, "trainer_state.pt"))
+        torch.save(trainer_state, os.path.join(path, TRAINER_STATE))
     dist.barrier()  # every rank's files are on disk before the marker says so
-    if os.environ.get(FAULT_ENV) == "save_before_marker":
-        raise InjectedFault(f"{FAULT_ENV}=save_before_marker: crashing after the shards of {path}, before its marker")
     if rank == 0:
-        tmp = os.path.join(path, MARKER + ".tmp")
-        with open(tmp, "w") as f:
-            f.write("ok\n")
-        os.replace(tmp, os.path.join(path, MARKER))
+        write_marker(path)
         if keep is not None:
             complete, _ = find_checkpoints(os.path.dirname(path))
             for _, old in complete[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
+
+
+def write_marker(path: str) -> None:
+    """Mark folder ``path`` complete, atomically (a crash leaves either no marker or the whole one)."""
+    tmp = os.path.join(path, MARKER + ".tmp")
+    with open(tmp, "w") as f:
+        f.write("ok\n")
+    os.replace(tmp, os.path.join(path, MARKER))
 
 
 def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
@@ -124,4 +126,4 @@ def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | N
 
 def read_trainer_state(path: str) -> dict:
     """The rank-0 state of checkpoint ``path``: step, skipped, scheduler, loader, config, has_optimizer."""
-    return torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+    return torch.load(os.path.join(path, TRAINER_STATE), weights_only=False)

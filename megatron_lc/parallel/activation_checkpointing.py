@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..model.config import ModelConfig
-from ..train.metrics import forward_flops_breakdown
+from ..model.flops import block_saved_bytes_per_token, forward_flops_breakdown, mlp_is_tiled
 
 POLICIES = ("none", "full", "every_k", "selective", "offload")
 
@@ -247,21 +247,14 @@ def policy_costs(config: ModelConfig, policy: str, seq_len: int, *, dtype_bytes:
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}: use one of {', '.join(POLICIES)}")
-    h, L, n = config.hidden_size, config.num_layers, config.num_heads
-    q, kv = n * config.head_dim, config.num_kv_heads * config.head_dim
-    b = dtype_bytes
+    L = config.num_layers
     flops = forward_flops_breakdown(config, seq_len)
-    tiled = config.mlp_tile_tokens != -1 and seq_len > (config.mlp_tile_tokens or 0)
-    # Saved per block by autograd without checkpointing: the two norms' inputs and rstd, the projections' input,
-    # q/k/v, the attention output and lse, and the MLP's input (tiled) or its gate/up/product (untiled).
-    mlp_saved = b * h if tiled else b * (h + 3 * config.intermediate_size)
-    none = b * (2 * h + h + q + 2 * kv + q) + 4 * n + 8 + mlp_saved
-    full = b * h
+    tiled = mlp_is_tiled(config, seq_len)
+    kept = block_saved_bytes_per_token(config, seq_len, dtype_bytes=dtype_bytes)  # per block, by what is kept
+    none, full, selective = kept["all"], kept["input"], kept["input_and_attention"]
     tile_recompute = (2 / 3) * flops["mlp"] if tiled else 0.0
     block_fwd = flops["qkvo"] + flops["mlp"] + flops["attention"]
-    # selective: input, attention output and lse; with a tiled MLP also the MLP's input, whose forward then runs
-    # once (the tiles' own backward recomputes gate/up), else the MLP re-runs in the checkpoint.
-    selective = full + b * q + 4 * n + (b * h if tiled else 0)
+    # selective re-runs the MLP in its checkpoint unless it is tiled (then only the tiles' gate/up are recomputed).
     saved = {"none": none, "full": full, "selective": selective, "offload": 0.0,
              "every_k": (full + (every - 1) * none) / every}[policy] * L
     recompute = {"none": 0.0, "full": block_fwd, "offload": block_fwd, "every_k": block_fwd / every,

@@ -1,8 +1,8 @@
 """``megatron-lc eval WHAT``: ``niah`` (needle in a haystack grid + heatmap) and ``loss`` (loss by position and
 domain, table + plot).
 
-Models: an HF folder (config.json + safetensors, ``megatron_lc.model.load_hf``) or one of our checkpoint folders
-(``step_<N>/``, ``megatron_lc.train.convert.checkpoint_model``). Tokenizer (``megatron_lc.data.tokenizer``): the
+Models: an HF folder (config.json + safetensors) or one of our checkpoint folders (``step_<N>/``), loaded by
+``megatron_lc.checkpoint.convert.load_model``. Tokenizer (``megatron_lc.data.tokenizer``): the
 demo's bytes (default), a sentencepiece .model or an HF tokenizer.json. Launched by torchrun, both run
 context-parallel over all ranks, so a context that does not fit one device is still evaluated: ``eval loss`` with ring attention, ``eval niah`` with a ring prefill and a KV cache sharded
 over the ranks (``megatron_lc.parallel.sharded_generate``).
@@ -16,7 +16,9 @@ import time
 
 import torch
 
+from ..checkpoint.convert import load_model
 from ..configtools import ConfigError
+from ..distributed import destroy_process_group
 
 
 # ---- shared -----------------------------------------------------------------------------------------------------
@@ -32,27 +34,6 @@ def _float_list(text: str) -> list[float]:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def load_model(path: str, dtype: str = "float32", device: str = "cpu", overrides: dict | None = None):
-    """Transformer from an HF folder or a ``step_<N>/`` checkpoint folder, in ``dtype`` on ``device``, eval mode;
-    ``overrides`` replace ModelConfig fields (positions given on the command line)."""
-    overrides = overrides or {}
-    if not os.path.isdir(path):
-        raise ConfigError(f"--model {path}: not a folder; give an HF folder (config.json + safetensors) or a "
-                          f"checkpoint folder step_<N>/")
-    from ..train.convert import checkpoint_model, is_checkpoint
-
-    if is_checkpoint(path):
-        model = checkpoint_model(path, **overrides)
-    elif os.path.isfile(os.path.join(path, "config.json")):
-        from ..model import load_hf
-
-        model = load_hf(path, dtype=torch.float32, **overrides)
-    else:
-        raise ConfigError(f"--model {path}: neither an HF folder (no config.json) nor a checkpoint (no "
-                          f"trainer_state.pt)")
-    return model.to(device=device, dtype=getattr(torch, dtype)).eval()
 
 
 def _tokenizer(args, model):
@@ -122,26 +103,17 @@ def _context_parallel(args: argparse.Namespace, mode: str):
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None, False
-    from torch.distributed.device_mesh import init_device_mesh
-
+    from ..distributed import init_process_group
     from ..parallel.context_parallel import ContextParallel
+    from ..parallel.parallel_dims import ParallelDims
 
     device_type = "cuda" if args.device.startswith("cuda") else "cpu"
+    own_group = init_process_group(device_type)  # on cuda: LOCAL_RANK's device becomes current
     if device_type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         args.device = f"cuda:{torch.cuda.current_device()}"
-    own_group = not dist.is_initialized()
-    if own_group:
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-    return ContextParallel(init_device_mesh(device_type, (dist.get_world_size(),)), mode=mode), own_group
-
-
-def _close(own_group: bool) -> None:
-    import torch.distributed as dist
-
-    if own_group:  # a rank exiting with its group still open can abort the other at shutdown
-        dist.barrier()
-        dist.destroy_process_group()
+    dims = ParallelDims(dp_replicate=1, dp_shard=1, cp=dist.get_world_size(), tp=1, world_size=dist.get_world_size())
+    dims.build_mesh(device_type)
+    return ContextParallel(dims.get_mesh("cp"), mode=mode), own_group
 
 
 # ---- niah -------------------------------------------------------------------------------------------------------
@@ -219,7 +191,7 @@ def run_niah(args: argparse.Namespace) -> dict:
         print(_niah_table(results))
         print(f"mean score {results['overall']:.3f}; wrote {json_path} and {png_path} "
               f"[{time.perf_counter() - t0:.1f} s]")
-    _close(own_group)
+    destroy_process_group(own_group)
     return results
 
 
@@ -249,12 +221,12 @@ def add_loss_args(p: argparse.ArgumentParser) -> None:
 
 
 def _domains(args, tok, vocab_size: int) -> dict[str, list[int]]:
-    from .niah import default_haystack_text, load_haystack
+    from .niah import load_haystack
 
     if not args.data:
-        from .loss_by_length import stdlib_code_text
+        from ..data.stdlib_text import stdlib_code_text, stdlib_docstring_text
 
-        return {"docstrings": tok.encode(default_haystack_text()), "code": tok.encode(stdlib_code_text())}
+        return {"docstrings": tok.encode(stdlib_docstring_text()), "code": tok.encode(stdlib_code_text())}
     out = {}
     for item in args.data:
         name, sep, path = item.partition("=")
@@ -316,7 +288,7 @@ def run_loss(args: argparse.Namespace) -> dict:
         print(lbl.format_table(results, edges))
         print(f"wrote {json_path} and {png_path}")
     out["table"] = lbl.format_table(results, edges)
-    _close(own_group)
+    destroy_process_group(own_group)
     return out
 
 

@@ -1,0 +1,29 @@
+"""``megatron-lc train``: argument parsing and the glue to the trainer."""
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML run config (see configs/); omitted: defaults plus the overrides")
+    p.add_argument("--resume", help="none | auto (newest complete checkpoint in checkpoint.dir) | a step_<N> folder; "
+                                    "same as checkpoint.resume=...")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="override config values, e.g. optim.lr=1e-4 train.steps=10 parallel.cp=2")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Load and check the config (before any process group starts), then train."""
+    from .config import load_train_config
+
+    overrides = list(args.overrides)
+    if args.resume:
+        overrides.append(f"checkpoint.resume={args.resume}")
+    cfg = load_train_config(args.config, overrides)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg.check_world(world)  # a mesh that does not fit the world fails here, on every rank, before any collective
+    from .trainer import train
+
+    train(cfg)
+    return 0
