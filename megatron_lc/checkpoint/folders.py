@@ -117,7 +117,7 @@ def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | N
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng_path = os.path.join(path, f"rng_rank{dist.get_rank()}.pt")
     if os.path.isfile(rng_path):
-        rng = torch.load(rng_path, weights_only=False)
+        rng = torch.load(rng_path, weights_only=True)
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
@@ -126,4 +126,4 @@ def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | N
 
 def read_trainer_state(path: str) -> dict:
     """The rank-0 state of checkpoint ``path``: step, skipped, scheduler, loader, config, has_optimizer."""
-    return torch.load(os.path.join(path, TRAINER_STATE), weights_only=False)
+    return torch.load(os.path.join(path, TRAINER_STATE), weights_only=True)  # plain types only: loading never runs code
