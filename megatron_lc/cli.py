@@ -27,13 +27,14 @@ class Command:
     help: str
     add_args: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], Any]  # a return value other than an int exit status means success
+    intermixed: bool = False  # flags may come between its positionals (train: overrides after --resume auto)
 
 
 COMMANDS: dict[str, Command] = {
     "demo": Command("train a 3M-parameter model on the stdlib's docstrings for a few minutes on CPU, then generate",
                     demo.add_demo_args, demo.run_demo),
     "train": Command("train a model from a YAML config (one process, or every process of torchrun)",
-                     train_cli.add_train_args, train_cli.run_train),
+                     train_cli.add_train_args, train_cli.run_train, intermixed=True),
     "convert": Command("convert between our checkpoints (step_<N>/) and HF Qwen2 folders",
                        checkpoint_cli.add_convert_args, checkpoint_cli.run_convert),
     "bench": Command("benchmark the kernels of each op (bench kernels), a training step against HF transformers "
@@ -60,10 +61,25 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     return parser, subparsers
 
 
+def parse_args(parser: argparse.ArgumentParser, subparsers: dict[str, argparse.ArgumentParser],
+               argv: list[str]) -> argparse.Namespace:
+    """``argv`` parsed; an ``intermixed`` command's own arguments are parsed with parse_intermixed_args (argparse
+    cannot do that through subparsers), so ``train --resume auto train.steps=9`` and ``train a=1 --resume auto
+    b=2`` keep every override, in order."""
+    args, extra = parser.parse_known_args(argv)
+    if args.command is not None and COMMANDS[args.command].intermixed:
+        rest = argv[argv.index(args.command) + 1:]  # the top level has no flags that take a value
+        return subparsers[args.command].parse_intermixed_args(rest, argparse.Namespace(command=args.command))
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``) and run the subcommand; returns the exit status."""
     parser, subparsers = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(parser, subparsers, argv)
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2

@@ -30,8 +30,8 @@ def test_every_yaml_under_configs_loads():
     for path in files:
         if os.sep + "models" + os.sep in path:
             ModelConfig.from_yaml(path)
-        elif os.sep + "train" + os.sep in path:
-            load_train_config(path)
+        elif os.sep + "train" + os.sep in path:  # their datasets live on the machines that train
+            load_train_config(path, check_paths=False)
         else:
             pytest.fail(f"{path}: no loader is registered for this folder yet; add it to this test")
 

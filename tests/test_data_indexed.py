@@ -1,5 +1,6 @@
 """Megatron indexed datasets (.bin/.idx): exact round trips, byte compatibility with megatron-core in both
 directions, sidecars, crash-safe writing and the errors on bad files."""
+import json
 import os
 import struct
 import warnings
@@ -163,8 +164,8 @@ def test_bad_files_say_which_and_what(tmp_path):
         p.with_suffix(".bin").write_bytes(bin_bytes)
         return str(p)
 
-    with pytest.raises(ConfigError, match=r"bad.bin: \d+ bytes, but .*bad.idx says its sequences end at byte \d+ "
-                                          r"\(truncated .bin\)"):
+    with pytest.raises(ConfigError, match=r"bad.idx and .*bad.bin disagree: the .idx \(\d+ bytes, 5 sequences\) says "
+                                          r"the tokens end at byte \d+, but .*bad.bin has \d+ bytes"):
         IndexedDataset(broken("bad", idx, binary[:-2]))
     with pytest.raises(ConfigError, match=r"magic.idx: magic b'NOTMMIDX\\x00', expected b'MMIDIDX\\x00\\x00'"):
         IndexedDataset(broken("magic", b"NOTMMIDX\x00" + idx[9:], binary))
@@ -188,6 +189,12 @@ def test_stale_sidecar_is_an_error(tmp_path):
     meta = Path(prefix + ".meta.json").read_text()
     _write(tmp_path / "ds", [[1, 2, 3]], vocab_size=10)
     Path(prefix + ".meta.json").write_text(meta)  # e.g. megatron rewrote .bin/.idx, our sidecar stayed
+    with pytest.raises(ConfigError, match=r"ds.meta.json belongs to another dataset: .*\(2 sequences / 4 tokens "
+                                          r"then, 1 / 3 now\): a stale sidecar"):
+        IndexedDataset(prefix)
+    side = json.loads(meta)
+    del side["files"]  # a sidecar from before fingerprints: the counts still catch it
+    Path(prefix + ".meta.json").write_text(json.dumps(side))
     with pytest.raises(ConfigError, match="describes 2 sequences / 4 tokens but the dataset has 1 / 3"):
         IndexedDataset(prefix)
 

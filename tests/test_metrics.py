@@ -157,25 +157,30 @@ def test_logger_rejects_bad_metrics_and_writes_nan_as_null(tmp_path):
     assert not list(tmp_path.glob("events.*"))
 
 
-def test_logger_resume_truncates_later_steps(tmp_path):
+def test_logger_resume_appends_and_cuts_only_a_torn_line(tmp_path):
     with M.MetricsLogger(tmp_path, rank=0) as log:
         for step in range(1, 6):
             log.log(step, {"train/loss": float(step)})
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 6, "train/lo')  # a crash mid-write
-    # Resumed from the step-3 checkpoint: steps 4.. are trained again with new values.
+    # Resumed from the step-3 checkpoint: steps 4.. are trained again with new values, after the old lines.
     with M.MetricsLogger(tmp_path, rank=0, resume_step=3) as log:
         for step in (4, 5):
             log.log(step, {"train/loss": 10.0 * step})
-    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 5]
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["train/loss"]) for r in lines] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 5.0),
+                                                             (4, 40.0), (5, 50.0)]
+    # TensorBoard shows the resumed values after step 3 (purge_step hides the old ones; no file is rewritten)
     assert _series(_events(tmp_path), "train/loss") == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0)]
 
 
-def test_logger_resume_refuses_a_corrupt_middle_line(tmp_path):
-    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n')
-    with pytest.raises(ValueError, match="line 2"):
-        M.MetricsLogger(tmp_path, rank=0, tensorboard=False, resume_step=1)
+def test_logger_keeps_a_corrupt_middle_line(tmp_path):
+    """Lines it did not write are never rewritten: a bad line in the middle stays (only a torn last one is cut)."""
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n{"st')
+    with M.MetricsLogger(tmp_path, rank=0, tensorboard=False, resume_step=1) as log:
+        log.log(2, {"train/loss": 1.0})
+    assert (tmp_path / "metrics.jsonl").read_text() == ('{"step": 1}\nnot json\n{"step": 2}\n'
+                                                        '{"step": 2, "train/loss": 1.0}\n')
 
 
 # ---- Progress --------------------------------------------------------------------------------------------------------

@@ -360,7 +360,8 @@ def test_convert_checkpoint_to_hf_and_back(corpus, tmp_path):
     run = tmp_path / "run"
     _run(2, corpus, ["train.steps=2", "data.micro_batch_size=2", f"checkpoint.dir={run}"])
     _cli("convert", "--from", str(run / "step_2"), "--to", str(tmp_path / "hf"))
-    trained = run_distributed(_params_job, 1, corpus, [f"checkpoint.resume={run}/step_2"])[0]
+    trained = run_distributed(_params_job, 1, corpus, [f"checkpoint.resume={run}/step_2",
+                                                       "data.micro_batch_size=4"])[0]  # the same global batch
     exported = dict(load_hf(str(tmp_path / "hf")).named_parameters())
     assert exported.keys() == trained.keys()
     for name, value in trained.items():

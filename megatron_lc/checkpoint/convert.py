@@ -39,15 +39,17 @@ def _model_config(section: dict) -> ModelConfig:
 
 def checkpoint_model(path: str, **config_overrides) -> Transformer:
     """The model of checkpoint ``path`` (complete, any world size it was saved with), unsharded, fp32, on CPU;
-    ``config_overrides`` replace ModelConfig fields (e.g. ``rope_scaling``), as in ``load_hf``. Collective when a
-    process group exists (every rank reads the whole model); otherwise it runs in a one-process group of its own."""
-    state = folders.read_trainer_state(path)
-    config = dataclasses.replace(_model_config(state["config"]["model"]), **config_overrides)
-    with torch.device("meta"):
-        model = Transformer(config)
-    model.to_empty(device="cpu")  # every value is overwritten by the load
+    ``config_overrides`` replace ModelConfig fields (e.g. ``rope_scaling``), as in ``load_hf``. Verifies the
+    checkpoint's manifest before reading anything (folders.verify). Collective when a process group exists (every
+    rank reads the whole model); otherwise it runs in a one-process group of its own."""
     with process_group():
-        folders.load(path, model, None)
+        folders.verify(path)
+        state = folders.read_trainer_state(path)
+        config = dataclasses.replace(_model_config(state["config"]["model"]), **config_overrides)
+        with torch.device("meta"):
+            model = Transformer(config)
+        model.to_empty(device="cpu")  # every value is overwritten by the load
+        folders.load(path, model, None, verified=True)
     return model
 
 
@@ -64,16 +66,37 @@ def load_model(path: str, dtype: str = "float32", device: str = "cpu", overrides
     return model.to(device=device, dtype=getattr(torch, dtype)).eval()
 
 
-def checkpoint_to_hf(path: str, out: str, dtype: str | None = None) -> None:
-    """Write the weights of checkpoint ``path`` as an HF folder transformers loads as Qwen2ForCausalLM."""
+def check_target(out: str, kind: str, force: bool = False, flag: str = "--to") -> None:
+    """Refuse to write a ``kind`` ("hf" or "checkpoint") folder at ``out`` over something we did not write: an
+    existing non-empty folder is a ConfigError naming ``flag`` and ``--force``, except (for a checkpoint) a
+    half-written checkpoint of ours, which its save replaces."""
+    if force or not os.path.exists(out):
+        return
+    if not os.path.isdir(out):
+        raise ConfigError(f"{flag} {out}: is a file, not a folder; choose a new folder")
+    if not os.listdir(out) or (kind == "checkpoint" and folders.is_half_written(out)):
+        return
+    what = "a checkpoint" if folders.is_checkpoint(out) else "files"
+    raise ConfigError(f"{flag} {out}: the folder already holds {what} ({', '.join(sorted(os.listdir(out))[:5])}"
+                      f"{' ...' if len(os.listdir(out)) > 5 else ''}); refusing to write over it. Give a new or "
+                      f"empty folder, or add --force to write there anyway (files of the same names are replaced, "
+                      f"other files are kept)")
+
+
+def checkpoint_to_hf(path: str, out: str, dtype: str | None = None, force: bool = False) -> None:
+    """Write the weights of checkpoint ``path`` as an HF folder transformers loads as Qwen2ForCausalLM; an existing
+    non-empty ``out`` needs ``force`` (check_target)."""
+    check_target(out, "hf", force)
     save_hf(checkpoint_model(path), out, dtype=getattr(torch, dtype) if dtype else None)
 
 
-def hf_to_checkpoint(hf_path: str, out: str) -> None:
+def hf_to_checkpoint(hf_path: str, out: str, force: bool = False, allow_nonfinite: bool = False) -> None:
     """Write an HF Qwen2 folder as a weights-only checkpoint folder ``out`` (e.g. runs/x/step_0): a run resumed
-    from it starts at step 0 with these weights and a fresh optimizer."""
-    model = load_hf(hf_path, dtype=torch.float32)
+    from it starts at step 0 with these weights and a fresh optimizer. ``out`` must be new, empty or a half-written
+    checkpoint of ours unless ``force`` (check_target); ``allow_nonfinite`` lets NaN/inf weights through load_hf."""
+    check_target(out, "checkpoint", force)
+    model = load_hf(hf_path, dtype=torch.float32, allow_nonfinite=allow_nonfinite)
     state = {"step": 0, "skipped": 0, "tokens_seen": 0,
              "config": {"model": {"preset": None, "config": model.config.to_dict(), "init_from": None}}}
     with process_group():
-        folders.save(out, model, None, state)
+        folders.save(out, model, None, state, force=force)

@@ -1,4 +1,4 @@
-"""``megatron-lc data STAGE``: train-tokenizer, clean, tokenize, mix, bench (see ``pipeline.py`` for the flow).
+"""``megatron-lc data STAGE``: train-tokenizer, clean, tokenize, mix, verify, bench (``pipeline.py``: the flow).
 
 A typical run::
 
@@ -7,7 +7,9 @@ A typical run::
     megatron-lc data tokenize work/clean/deduped.jsonl --tokenizer work/tok.model --out work/tokens
     megatron-lc data mix work/tokens --strategy per_source_upsample --long-share 0.7 --out work/mixed
 
-and ``data.train_tokens: work/mixed`` in the training config.
+and ``data.train_tokens: work/mixed`` in the training config. A stage whose input could not be read to its end
+(a truncated .jsonl.gz) writes what it read, prints an ``INPUT LOST`` line last and exits with status 65
+(``documents.INPUT_LOST_STATUS``) unless ``--allow-partial-input`` is given.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import json
 import os
 
 from ..configtools import ConfigError
+from .documents import INPUT_LOST_STATUS, input_lost_line
 
 
 def _weights(text: str) -> dict[str, float]:
@@ -39,6 +42,10 @@ def _input_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--on-error", default="skip", choices=("skip", "fail"),
                    help="a corrupt or truncated line: report it with file and line and go on (skip, default), or "
                         "stop (fail)")
+    p.add_argument("--allow-partial-input", action="store_true",
+                   help=f"a file that cannot be read to its end (a truncated .jsonl.gz) loses the rest of it: the "
+                        f"stage still writes what it read and says INPUT LOST, then exits with status "
+                        f"{INPUT_LOST_STATUS}; with this flag it exits 0 (the line stays)")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2)),
                    help="worker processes (default: one per CPU; 0 runs in this process)")
 
@@ -94,6 +101,11 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                    help="sources already above --long-share keep their own profile (default: brought to it)")
     m.add_argument("--seed", type=int, default=0)
 
+    v = sub.add_parser("verify", help="check .bin/.idx datasets against the fingerprints written with them and "
+                                      "print each one's token id range (scanned once and cached in PREFIX.scan.json "
+                                      "when its sidecar has none)")
+    v.add_argument("datasets", nargs="+", help="dataset prefixes (or the path of either file)")
+
     b = sub.add_parser("bench", help="tokenize+pack throughput vs the tokenizer's own batch encode, same text and "
                                      "cores")
     _input_args(b)
@@ -117,7 +129,7 @@ def run_data(args: argparse.Namespace):
                                    num_threads=max(1, args.workers))
         print(read.format())
         print(f"wrote {path}")
-        return path
+        return _input_status(read.as_dict(), args)
     if args.stage == "clean":
         from ..configtools import from_dict, load_yaml
         from .clean import CleaningRules
@@ -130,14 +142,14 @@ def run_data(args: argparse.Namespace):
                                                      sentence=not args.no_sentence, seed=args.seed),
             workers=args.workers, text_key=args.text_key, source_key=args.source_key, on_error=args.on_error)
         _print_clean(report)
-        return report
+        return _input_status(report["read"], args)
     if args.stage == "tokenize":
         report = pipeline.tokenize_corpus(args.inputs, args.tokenizer, args.out, args.workers, args.eos_token_id,
                                           args.text_key, args.source_key, args.on_error)
         print(f"{report['documents']:,} documents, {report['tokens']:,} tokens, {report['bytes'] / 1e6:,.1f} MB in "
               f"{report['seconds']:.1f} s ({report['mb_per_s']:.2f} MB/s, {args.workers} workers) -> {args.out}")
         _print_read(report["read"])
-        return report
+        return _input_status(report["read"], args)
     if args.stage == "mix":
         domains = [d.strip() for d in args.domains.split(",") if d.strip()]
         report = pipeline.mix_dataset(args.dataset, args.out, args.strategy, long_threshold=args.long_threshold,
@@ -148,14 +160,33 @@ def run_data(args: argparse.Namespace):
         print(report["table"])
         print(f"wrote {report['output']} and the report beside it ({report['png']})")
         return report
+    if args.stage == "verify":
+        from .indexed import IndexedDataset
+
+        for path in args.datasets:
+            ds = IndexedDataset(path)
+            ids = ds.token_id_range()
+            print(f"{ds.prefix}: {'verified' if ds.verified else 'unverified (no fingerprints)'}, {len(ds):,} "
+                  f"sequences, {ds.num_tokens:,} {ds.dtype} tokens, token ids "
+                  f"{'none' if ids is None else f'{ids[0]}..{ids[1]}'}")
+        return 0
     if args.stage == "bench":
         result = pipeline.bench_tokenize(args.inputs, args.tokenizer, args.out, args.workers, args.eos_token_id,
                                          args.text_key)
         print(json.dumps(result))
         print(f"tokenizer batch encode {result['library_mb_per_s']:.2f} MB/s; tokenize+pack "
               f"{result['pipeline_mb_per_s']:.2f} MB/s ({100 * result['ratio']:.0f}%) on {args.workers} workers")
-        return result
+        return _input_status(result["read"], args)
     raise ConfigError(f"unknown data stage {args.stage!r}")
+
+
+def _input_status(read: dict, args: argparse.Namespace) -> int:
+    """Exit status of a stage from its read report: prints the INPUT LOST line last when a file was cut short."""
+    line = input_lost_line(read, args.allow_partial_input)
+    if line is None:
+        return 0
+    print(line, flush=True)
+    return 0 if args.allow_partial_input else INPUT_LOST_STATUS
 
 
 def _print_read(read: dict) -> None:

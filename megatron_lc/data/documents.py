@@ -9,6 +9,10 @@ Nothing is dropped silently: every line is one of ``documents``, ``blank`` or ``
 three add up to ``lines``. A corrupt line (bad JSON, not an object, no text field, text not a string, bad UTF-8, a
 truncated gzip stream) is recorded with its file and 1-based line number; ``on_error="fail"`` raises instead.
 Files are read line by line (gzip streamed), so a corpus larger than memory is fine.
+
+A file that cannot be read to its end (a truncated or damaged gzip stream, an I/O error) loses an unknown amount of
+input, unlike a bad line: it is also listed in ``ReadReport.unreadable``, and the commands then end with
+``INPUT_LOST_STATUS`` unless partial input was accepted (``--allow-partial-input``).
 """
 from __future__ import annotations
 
@@ -22,6 +26,9 @@ from ..configtools import ConfigError
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 ON_ERROR = ("skip", "fail")
+INPUT_LOST_STATUS = 65
+"""Exit status of a data command whose input was cut short (sysexits' EX_DATAERR): distinct from errors (1) and
+usage errors (2), so a script can tell "finished on partial input" from "finished"."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,8 @@ class ReadReport:
     bytes_read: int = 0
     corrupt_lines: list[str] = field(default_factory=list)
     """``file:line: reason`` of the first ``max_listed`` corrupt lines (all are counted)."""
+    unreadable: list[str] = field(default_factory=list)
+    """``file:line: reason`` of every file not readable to its end: what followed that line is lost, uncounted."""
     max_listed: int = 1000
 
     def add_corrupt(self, where: str, reason: str) -> None:
@@ -58,10 +67,11 @@ class ReadReport:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         room = self.max_listed - len(self.corrupt_lines)
         self.corrupt_lines.extend(other.corrupt_lines[:max(0, room)])
+        self.unreadable.extend(other.unreadable)
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in ("files", "lines", "documents", "blank", "corrupt", "source_from_file",
-                                              "bytes_read", "corrupt_lines")}
+                                              "bytes_read", "corrupt_lines", "unreadable")}
 
     def format(self) -> str:
         text = (f"read {self.files} files, {self.lines:,} lines: {self.documents:,} documents, {self.blank:,} blank, "
@@ -74,6 +84,20 @@ class ReadReport:
             text += f"\n  ... {self.corrupt - 20:,} more corrupt lines (all listed in the JSON report up to " \
                     f"{self.max_listed})"
         return text
+
+
+def input_lost_line(read: dict, accepted: bool) -> str | None:
+    """The summary line for a read (``ReadReport.as_dict()``) that lost input, or None when every file was read to
+    its end; ``accepted``: partial input was accepted (``--allow-partial-input``)."""
+    lost = read.get("unreadable") or []
+    if not lost:
+        return None
+    head = (f"INPUT LOST: {len(lost)} of {read['files']} input files could not be read to the end, so the output "
+            f"lacks whatever followed: {'; '.join(lost[:5])}{' ...' if len(lost) > 5 else ''}")
+    if accepted:
+        return f"{head} (accepted by --allow-partial-input)"
+    return (f"{head}. Exit status {INPUT_LOST_STATUS}: fetch the files again (e.g. `gzip -t FILE` finds the broken "
+            f"ones), or pass --allow-partial-input to accept what was read")
 
 
 def expand_inputs(paths: Iterable[str]) -> list[str]:
@@ -163,7 +187,9 @@ def iter_documents(paths: Iterable[str], text_key: str = "text", source_key: str
             except (EOFError, OSError, gzip.BadGzipFile) as e:  # truncated or damaged gzip: the rest is unreadable
                 number += 1
                 report.lines += 1
-                _corrupt(report, f"{path}:{number}", f"unreadable from here on ({type(e).__name__}: {e})", on_error)
+                reason = f"unreadable from here on ({type(e).__name__}: {e})"
+                _corrupt(report, f"{path}:{number}", reason, on_error)
+                report.unreadable.append(f"{path}:{number}: {reason}")
                 break
             report.lines += 1
             report.bytes_read += len(raw) + 1

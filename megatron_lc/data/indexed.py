@@ -12,8 +12,14 @@ and we read its files):
 
 We write one document = one sequence (megatron's preprocess_data with ``--append-eod``: the caller appends EOS).
 What megatron's format has no place for lives in sidecars megatron ignores: ``PREFIX.sources.npy`` (uint16 [seq],
-the source id of each sequence) and ``PREFIX.meta.json`` (source names and free metadata such as the tokenizer
-and eos id).
+the source id of each sequence) and ``PREFIX.meta.json`` (source names, free metadata such as the tokenizer and eos
+id, the token id range, and a fingerprint of the ``.bin`` and of the ``.idx``).
+
+Fingerprints (``file_fingerprint``: the size and a sha256 of a few fixed chunks, so checking a TB file reads a few
+MB) are checked at every open: a ``.bin`` or ``.idx`` that is not the one written with the sidecar is named, before
+its document boundaries are trusted. A dataset without them (megatron's preprocess_data output) opens with one line
+saying it is unverified. Its token id range is then scanned once and cached in ``PREFIX.scan.json`` (a cache, tied
+to the ``.bin``'s fingerprint; delete it any time).
 """
 from __future__ import annotations
 
@@ -22,6 +28,8 @@ import hashlib
 import json
 import os
 import struct
+import sys
+from collections.abc import Callable
 
 import numpy as np
 
@@ -35,6 +43,9 @@ DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.
 CODES = {np.dtype(t): code for code, t in DTYPES.items()}
 TOKEN_DTYPES = ("uint8", "int8", "int16", "int32", "int64", "uint16")  # float codes exist but hold no token ids
 UINT16_VOCAB_LIMIT = 65500  # megatron's DType.optimal_dtype: uint16 below this many ids, else int32
+FINGERPRINT_CHUNKS = 8  # start, end and 6 evenly spaced in between
+FINGERPRINT_CHUNK_BYTES = 1 << 20
+SCAN_CHUNK_TOKENS = 1 << 24  # the token range scan's numpy block: 32-64 MB at a time, whatever the .bin's size
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -55,7 +66,63 @@ def dataset_prefix(path: str | os.PathLike) -> str:
 
 def _paths(prefix: str) -> dict[str, str]:
     return {"bin": prefix + ".bin", "idx": prefix + ".idx", "sources": prefix + ".sources.npy",
-            "meta": prefix + ".meta.json"}
+            "meta": prefix + ".meta.json", "scan": prefix + ".scan.json"}
+
+
+def _say(message: str) -> None:
+    print(f"[megatron-lc] {message}", file=sys.stderr, flush=True)
+
+
+def write_json(path: str, data: dict) -> None:
+    """Write ``data`` as JSON to ``path`` atomically (a temporary file renamed over it): readers never see half."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _chunks_sha256(path: str, chunks: list[list[int]]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for start, length in chunks:
+            f.seek(start)
+            h.update(f.read(length))
+    return h.hexdigest()
+
+
+def file_fingerprint(path: str) -> dict:
+    """``{"size", "chunks": [[start, length], ...], "sha256"}`` of a file: sha256 over ``FINGERPRINT_CHUNKS`` chunks
+    of ``FINGERPRINT_CHUNK_BYTES`` spread evenly from its first byte to its last (the whole file when smaller).
+    It tells another dataset's file, a cut-short copy or a damaged chunk from the right file; it is neither a full
+    checksum nor a signature (a deliberate edit between the chunks goes unseen)."""
+    size = os.path.getsize(path)
+    n, c = FINGERPRINT_CHUNKS, FINGERPRINT_CHUNK_BYTES
+    if size <= n * c:
+        chunks = [[0, size]]
+    else:
+        step = (size - c) / (n - 1)
+        chunks = [[round(i * step), c] for i in range(n)]
+    return {"size": size, "chunks": chunks, "sha256": _chunks_sha256(path, chunks)}
+
+
+def fingerprint_mismatch(path: str, recorded: dict) -> str | None:
+    """Why ``path`` differs from its ``recorded`` file_fingerprint (re-read at the recorded chunks), or None."""
+    size = os.path.getsize(path)
+    if size != recorded["size"]:
+        return f"it has {size} bytes, {recorded['size']} when the dataset was written"
+    if _chunks_sha256(path, recorded["chunks"]) != recorded["sha256"]:
+        return f"it has the same size ({size} bytes) as when the dataset was written but other content"
+    return None
+
+
+def _scan_token_range(tokens: np.ndarray) -> tuple[int, int]:
+    """(min, max) of a token memmap, in SCAN_CHUNK_TOKENS blocks so memory stays flat."""
+    lo, hi = None, None
+    for start in range(0, len(tokens), SCAN_CHUNK_TOKENS):
+        block = tokens[start:start + SCAN_CHUNK_TOKENS]
+        b_lo, b_hi = int(block.min()), int(block.max())
+        lo, hi = (b_lo, b_hi) if lo is None else (min(lo, b_lo), max(hi, b_hi))
+    return lo, hi
 
 
 class IndexedDatasetWriter:
@@ -95,6 +162,7 @@ class IndexedDatasetWriter:
         self._sources = array.array("H")
         self._source_names: dict[str, int] = {}
         self._with_sources: bool | None = None
+        self._id_range: tuple[int, int] | None = None
         self.finalized = False
 
     def add_document(self, tokens, source: str | None = None) -> None:
@@ -114,6 +182,8 @@ class IndexedDatasetWriter:
         if lo < 0 or hi > self.max_id:
             raise ValueError(f"{self.prefix}: document {n} has token ids in [{lo}, {hi}], outside [0, {self.max_id}] "
                              f"({'vocab_size ' + str(self.vocab_size) if self.vocab_size else self.dtype})")
+        old = self._id_range
+        self._id_range = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
         with_source = source is not None
         if self._with_sources is None:
             self._with_sources = with_source
@@ -146,8 +216,11 @@ class IndexedDatasetWriter:
             f.write(MAGIC + struct.pack("<Q", VERSION) + struct.pack("<B", CODES[self.dtype]))
             f.write(struct.pack("<Q", lengths.size) + struct.pack("<Q", doc_indices.size))
             f.write(lengths.astype(np.int32).tobytes() + pointers.tobytes() + doc_indices.tobytes())
+        lo, hi = self._id_range or (None, None)
         side = {"num_sequences": int(lengths.size), "num_tokens": int(lengths.sum()),
-                "source_names": list(self._source_names) if self._with_sources else None, "meta": meta or {}}
+                "source_names": list(self._source_names) if self._with_sources else None, "meta": meta or {},
+                "min_token_id": lo, "max_token_id": hi,
+                "files": {"bin": file_fingerprint(self._tmp["bin"]), "idx": file_fingerprint(self._tmp["idx"])}}
         with open(self._tmp["meta"], "w") as f:
             json.dump(side, f, indent=1)
         renames = ["bin", "meta"]
@@ -157,6 +230,8 @@ class IndexedDatasetWriter:
             renames.append("sources")
         elif os.path.exists(self.paths["sources"]):
             os.remove(self.paths["sources"])  # a stale sidecar of an older dataset under this prefix
+        if os.path.exists(self.paths["scan"]):
+            os.remove(self.paths["scan"])  # our scan cache of an older dataset under this prefix
         if os.path.exists(self.paths["idx"]):
             os.remove(self.paths["idx"])  # until the new .idx lands, the prefix reads as incomplete
         for key in renames + ["idx"]:
@@ -186,13 +261,15 @@ class IndexedDataset:
 
     ``len()`` is the number of sequences; ``sequence_lengths`` int32 [seq], ``sequence_pointers`` int64 [seq] (byte
     offsets), ``document_indices`` int64 [documents + 1]; ``sources`` uint16 [seq] or None without the sidecar,
-    ``source_names``, ``meta`` (the sidecar's free metadata, {} without one). Bad files raise ConfigError naming the
-    file and what was expected.
+    ``source_names``, ``meta`` (the sidecar's free metadata, {} without one); ``verified``: the .bin and .idx match
+    the fingerprints written with them. Bad files raise ConfigError naming the file and what was expected. ``log``
+    receives the one-line notes (unverified dataset, token range scans); default: stderr.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, log: Callable[[str], None] | None = _say):
         self.prefix = dataset_prefix(path)
         self.paths = _paths(self.prefix)
+        self._log = log or (lambda _: None)
         idx, bin_ = self.paths["idx"], self.paths["bin"]
         for p in (idx, bin_):
             if not os.path.isfile(p):
@@ -217,6 +294,9 @@ class IndexedDataset:
         if size not in (expected, expected + n_seq):  # + int8 modes in multimodal files
             raise ConfigError(f"{idx}: {size} bytes, but its header ({n_seq} sequences, {n_doc} document indices) "
                               f"needs {expected}: truncated or corrupt index")
+        self._side = side = self._load_sidecar()
+        bin_size = os.path.getsize(bin_)
+        self.verified = self._verify_files(side, n_seq, bin_size // self.dtype.itemsize)
         buf = np.memmap(idx, dtype=np.uint8, mode="r")
         self.sequence_lengths = np.frombuffer(buf, np.int32, n_seq, HEADER_BYTES)
         self.sequence_pointers = np.frombuffer(buf, np.int64, n_seq, HEADER_BYTES + 4 * n_seq)
@@ -224,22 +304,70 @@ class IndexedDataset:
         if n_doc < 1 or self.document_indices[0] != 0 or self.document_indices[-1] != n_seq:
             raise ConfigError(f"{idx}: document_indices must run from 0 to the sequence count {n_seq}, got "
                               f"{self.document_indices[:1].tolist()}..{self.document_indices[-1:].tolist()}")
-        bin_size = os.path.getsize(bin_)
         end = int(self.sequence_pointers[-1] + self.sequence_lengths[-1] * self.dtype.itemsize) if n_seq else 0
-        if bin_size != end:
-            raise ConfigError(f"{bin_}: {bin_size} bytes, but {idx} says its sequences end at byte {end}"
-                              f"{' (truncated .bin)' if bin_size < end else ''}: rewrite the dataset")
+        if bin_size != end:  # without fingerprints the sizes cannot tell which of the two is wrong
+            raise ConfigError(f"{idx} and {bin_} disagree: the .idx ({size} bytes, {n_seq} sequences) says the "
+                              f"tokens end at byte {end}, but {bin_} has {bin_size} bytes: one of them belongs to "
+                              f"another dataset or was cut short (e.g. an interrupted copy); copy both again from "
+                              f"where the dataset was written, or rewrite the dataset")
         self.num_tokens = bin_size // self.dtype.itemsize
         self.tokens = (np.memmap(bin_, dtype=self.dtype, mode="r") if bin_size else np.zeros(0, self.dtype))
-        self._read_sidecars()
+        self._read_sidecars(side)
         self._fingerprint = None
+        self._id_range: tuple[int, int] | None | bool = False  # False: not looked up yet
 
-    def _read_sidecars(self) -> None:
+    def _load_sidecar(self) -> dict | None:
+        path = self.paths["meta"]
+        if not os.path.isfile(path):
+            return None
+        try:
+            with open(path) as f:
+                side = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{path}: unreadable sidecar ({e}): delete it (the dataset then opens unverified) or "
+                              f"rewrite the dataset") from e
+        if not isinstance(side, dict):
+            raise ConfigError(f"{path}: a JSON {type(side).__name__}, not the object our writer stores: delete it "
+                              f"or rewrite the dataset")
+        return side
+
+    def _verify_files(self, side: dict | None, n_seq: int, n_tokens: int) -> bool:
+        """Check .bin and .idx against the fingerprints written with them; True when both match, False (and one
+        line to the log) when there are none to check."""
+        files = (side or {}).get("files")
+        if not files:
+            why = f"{self.paths['meta']} predates fingerprints" if side else \
+                f"no {self.paths['meta']} (megatron's preprocess_data writes none)"
+            self._log(f"{self.prefix}: unverified dataset: {why}, so a .bin/.idx pair that does not belong together "
+                      f"cannot be told; datasets written by megatron_lc (IndexedDatasetWriter, data tokenize/mix) "
+                      f"carry fingerprints")
+            return False
+        bin_, idx, meta = self.paths["bin"], self.paths["idx"], self.paths["meta"]
+        try:
+            bad_bin, bad_idx = fingerprint_mismatch(bin_, files["bin"]), fingerprint_mismatch(idx, files["idx"])
+        except (KeyError, TypeError) as e:
+            raise ConfigError(f"{meta}: its 'files' fingerprints are not what our writer stores ({e!r}): delete it "
+                              f"(the dataset then opens unverified) or rewrite the dataset") from e
+        if bad_bin and bad_idx:
+            raise ConfigError(f"{meta} belongs to another dataset: neither {bin_} nor {idx} matches the fingerprints "
+                              f"it recorded ({side.get('num_sequences')} sequences / {side.get('num_tokens')} tokens "
+                              f"then, {n_seq} / {n_tokens} now): a stale sidecar, e.g. the .bin/.idx were rewritten "
+                              f"by another tool; delete {meta} (and {self.paths['sources']}) if the .bin/.idx are "
+                              f"the data you want, or rewrite the dataset")
+        if bad_idx:
+            raise ConfigError(f"{idx} does not match {bin_}: {bad_idx} (fingerprints in {meta}), so its document "
+                              f"boundaries are not this .bin's: the .idx belongs to another dataset or was changed; "
+                              f"copy it again from where the dataset was written, or rewrite the dataset")
+        if bad_bin:
+            raise ConfigError(f"{bin_} does not match {idx}: {bad_bin} (fingerprints in {meta}): the .bin was cut "
+                              f"short, damaged or belongs to another dataset; copy it again from where the dataset "
+                              f"was written, or rewrite the dataset")
+        return True
+
+    def _read_sidecars(self, side: dict | None) -> None:
         self.sources, self.source_names, self.meta = None, None, {}
-        if not os.path.isfile(self.paths["meta"]):
+        if side is None:
             return
-        with open(self.paths["meta"]) as f:
-            side = json.load(f)
         if side.get("num_sequences") != len(self) or side.get("num_tokens") != self.num_tokens:
             raise ConfigError(f"{self.paths['meta']} describes {side.get('num_sequences')} sequences / "
                               f"{side.get('num_tokens')} tokens but the dataset has {len(self)} / {self.num_tokens}: "
@@ -269,9 +397,42 @@ class IndexedDataset:
         start = int(self.sequence_pointers[i]) // self.dtype.itemsize + offset
         return self.tokens[start:start + length]
 
+    def token_id_range(self) -> tuple[int, int] | None:
+        """(min, max) token id, None for a dataset without tokens: from the sidecar written with the dataset, else
+        from the scan cache ``PREFIX.scan.json`` while its .bin fingerprint matches, else scanned now (once per
+        process) and cached there if the folder is writable."""
+        if self._id_range is False:
+            self._id_range = self._find_token_range()
+        return self._id_range
+
+    def _find_token_range(self) -> tuple[int, int] | None:
+        side = self._side if self.verified else None
+        if side is not None and "max_token_id" in side:
+            return None if side["max_token_id"] is None else (int(side["min_token_id"]), int(side["max_token_id"]))
+        if self.num_tokens == 0:
+            return None
+        cache, bin_ = self.paths["scan"], self.paths["bin"]
+        try:
+            with open(cache) as f:
+                cached = json.load(f)
+            if fingerprint_mismatch(bin_, cached["bin"]) is None:
+                return int(cached["min_token_id"]), int(cached["max_token_id"])
+        except (OSError, ValueError, KeyError, TypeError):  # no cache, or one we cannot read: scan
+            pass
+        self._log(f"{self.prefix}: scanning {bin_} once for its token id range ({self.num_tokens:,} tokens; its "
+                  f"sidecar does not record it)")
+        lo, hi = _scan_token_range(self.tokens)
+        try:
+            write_json(cache, {"bin": file_fingerprint(bin_), "min_token_id": lo, "max_token_id": hi})
+        except OSError as e:
+            self._log(f"{self.prefix}: cannot cache the scan in {cache} ({e}): the range is kept in memory, so every "
+                      f"process that opens the dataset scans it again")
+        return lo, hi
+
     def fingerprint(self) -> str:
         """A short hash of what identifies the data (dtype, sequence lengths, document indices, the first and last
-        tokens), not of its path: a moved dataset keeps it, a rewritten one almost surely changes it."""
+        tokens), not of its path: a moved dataset keeps it, a rewritten one almost surely changes it. The loader
+        stores it in checkpoints to refuse resuming on other data (``file_fingerprint`` checks the files)."""
         if self._fingerprint is None:
             h = hashlib.sha1(self.dtype.name.encode())
             for a in (self.sequence_lengths, self.document_indices, self.tokens[:4096], self.tokens[-4096:]):

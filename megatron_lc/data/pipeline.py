@@ -31,6 +31,7 @@ import numpy as np
 
 from ..configtools import ConfigError
 from .documents import Document, ReadReport, iter_documents
+from .indexed import write_json
 
 
 def _progress(total: int | None, unit: str, desc: str, enabled: bool):
@@ -83,13 +84,6 @@ def _map_batches(pool, fn, batches: Iterable[list[Document]], window: int = 8
     while queued:
         done, result = queued.popleft()
         yield done, result.get()
-
-
-def _write_json(path: str, data: dict) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
 
 
 # ---- clean + dedup ----------------------------------------------------------------------------------------------
@@ -185,7 +179,7 @@ def clean_corpus(inputs: list[str], out_dir: str, rules=None, dedup=None, worker
               "seconds": round(time.perf_counter() - t0, 2)}
     if not cleaning.consistent() or not dd.consistent() or cleaning.total != read.documents:
         raise RuntimeError(f"clean_corpus: counts do not add up: {report}")  # a bug, never bad input
-    _write_json(os.path.join(out_dir, "clean_report.json"), report)
+    write_json(os.path.join(out_dir, "clean_report.json"), report)
     return report
 
 
@@ -308,7 +302,7 @@ def mix_dataset(in_prefix: str, out_prefix: str, strategy: str = "per_source_ups
         writer.finalize({**data.meta, "mixture": {k: v for k, v in report.items() if k != "table"}})
     report_dir = report_dir or os.path.dirname(os.path.abspath(out_prefix))
     os.makedirs(report_dir, exist_ok=True)
-    _write_json(os.path.join(report_dir, "mixture.json"), report)
+    write_json(os.path.join(report_dir, "mixture.json"), report)
     with open(os.path.join(report_dir, "mixture.txt"), "w") as f:
         f.write(report["table"] + "\n")
     report["png"] = plot_lengths(lengths, names, plan, os.path.join(report_dir, "mixture_lengths.png"))
@@ -334,4 +328,4 @@ def bench_tokenize(inputs: list[str], tokenizer: str, out_prefix: str, workers: 
     ours = tokenize_corpus(inputs, tokenizer, out_prefix, workers, eos_token_id, text_key, progress=False)
     library_mb_s, ours_mb_s = size / 1e6 / library, ours["bytes"] / 1e6 / ours["seconds"]
     return {"bytes": size, "workers": workers, "tokenizer": tokenizer, "library_mb_per_s": library_mb_s,
-            "pipeline_mb_per_s": ours_mb_s, "ratio": ours_mb_s / library_mb_s}
+            "pipeline_mb_per_s": ours_mb_s, "ratio": ours_mb_s / library_mb_s, "read": ours["read"]}

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..configtools import ConfigError, check_keys, from_dict, load_yaml
+from ..configtools import ConfigError, check_keys, check_types, from_dict, load_yaml
 
 
 @dataclass
@@ -54,16 +54,13 @@ class ModelConfig:
     """Fields of an HF config.json that we keep only to write them back (bos/eos ids, ...)."""
 
     def __post_init__(self):
-        for name in ("rms_norm_eps", "rope_theta", "init_std"):
-            # PyYAML reads `1e-6` (no dot) as a string; accept it, and reject anything else that is not a number.
-            value = getattr(self, name)
-            try:
-                setattr(self, name, float(value))
-            except (TypeError, ValueError):
-                raise ConfigError(f"model.{name} must be a number, got {value!r}") from None
+        # Every field against its annotation, whichever way the config was built (YAML, HF config.json, presets).
+        values = check_types(ModelConfig, {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, "model.")
+        for name, value in values.items():
+            setattr(self, name, value)
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if value <= 0:
                 raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(

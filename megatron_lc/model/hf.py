@@ -67,10 +67,30 @@ def _tensor_files(path: str) -> dict[str, str]:
                             f"(.bin checkpoints are not read: convert them with transformers' save_pretrained)")
 
 
+def _check_tensor(hf_name: str, file: str, tensor: torch.Tensor, param: torch.Tensor,
+                  allow_nonfinite: bool) -> None:
+    """Refuse a tensor that is not floating point, and one whose values (as read, or once cast to the model's
+    dtype) are not all finite unless ``allow_nonfinite``: either would train or serve garbage without a word."""
+    if not tensor.dtype.is_floating_point:
+        raise ConfigError(f"tensor {hf_name} in {file} has dtype {tensor.dtype}, not a floating-point dtype: the "
+                          f"file is not a model's weights, or was written wrongly; re-export it (save_pretrained)")
+    if allow_nonfinite:
+        return
+    bad = int(param.numel() - torch.isfinite(param).sum())
+    if bad:
+        read = int(tensor.numel() - torch.isfinite(tensor).sum())
+        why = (f"{read} non-finite values (NaN/inf) of {tensor.numel()}" if read else
+               f"{bad} values that {param.dtype} cannot hold (they overflow from {tensor.dtype} to inf); load it in "
+               f"a wider dtype (dtype=torch.bfloat16 or torch.float32), or")
+        raise ConfigError(f"tensor {hf_name} in {file} has {why}{': a diverged or corrupt checkpoint;' if read else ''}"
+                          f" pass allow_nonfinite=True (convert --allow-nonfinite) to load it anyway")
+
+
 def load_hf(path: str, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu",
-            **config_overrides) -> Transformer:
-    """Build a Transformer from an HF Qwen2/Llama folder. dtype defaults to the config's torch_dtype (else fp32);
-    ``config_overrides`` replace ModelConfig fields (e.g. ``rope_theta=5e6``)."""
+            allow_nonfinite: bool = False, **config_overrides) -> Transformer:
+    """Build a Transformer from an HF Qwen2/Llama folder. dtype (floating point) defaults to the config's
+    torch_dtype (else fp32); ``config_overrides`` replace ModelConfig fields (e.g. ``rope_theta=5e6``). Tensors
+    that are not floating point are refused, and so are NaN/inf values unless ``allow_nonfinite``."""
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{config_path} not found: load_hf wants a folder with config.json and safetensors")
@@ -80,6 +100,8 @@ def load_hf(path: str, dtype: torch.dtype | str | None = None, device: torch.dev
     if dtype is None:
         dtype = hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32"
     dtype = _dtype_from_name(dtype) if isinstance(dtype, str) else dtype
+    if not dtype.is_floating_point:
+        raise ConfigError(f"load_hf: dtype {dtype} is not a floating dtype: use float32, bfloat16 or float16")
 
     with torch.device("meta"):
         model = Transformer(config)
@@ -94,7 +116,7 @@ def load_hf(path: str, dtype: torch.dtype | str | None = None, device: torch.dev
                   and not (tied and n == "lm_head.weight")]
     missing = [n for n in expected if n not in files]
     if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not match the config: missing tensors {missing[:8]}"
+        raise ConfigError(f"checkpoint {path} does not match the config: missing tensors {missing[:8]}"
                          f"{' ...' if len(missing) > 8 else ''}; unexpected tensors {unexpected[:8]}"
                          f"{' ...' if len(unexpected) > 8 else ''}")
     by_file: dict[str, list[str]] = {}
@@ -107,9 +129,10 @@ def load_hf(path: str, dtype: torch.dtype | str | None = None, device: torch.dev
                     param = params[expected[hf_name]]
                     tensor = f.get_tensor(hf_name)
                     if tensor.shape != param.shape:
-                        raise ValueError(f"tensor {hf_name} in {os.path.basename(file)} has shape "
+                        raise ConfigError(f"tensor {hf_name} in {os.path.basename(file)} has shape "
                                          f"{tuple(tensor.shape)}, the config expects {tuple(param.shape)}")
                     param.copy_(tensor)
+                    _check_tensor(hf_name, file, tensor, param, allow_nonfinite)
     return model
 
 

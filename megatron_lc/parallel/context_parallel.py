@@ -25,6 +25,11 @@ from .cp_sharding import pad_batch, shard_sequence
 MODES = ("ring", "allgather", "ulysses", "hybrid")
 
 
+def sequence_layout(mode: str, layout: str) -> str:
+    """The layout of the outer sharding level: hybrid's ring is always zigzag, Ulysses always contiguous."""
+    return {"ulysses": "contiguous", "hybrid": "zigzag"}.get(mode, layout)
+
+
 class ContextParallel:
     """Shard batches along the sequence and make attention exact across the ranks of ``mesh``.
 
@@ -46,8 +51,7 @@ class ContextParallel:
         if layout not in ("zigzag", "contiguous"):
             raise ValueError(f"unknown layout {layout!r}: use 'zigzag' or 'contiguous'")
         self.mesh, self.mode, self.pad, self.pad_id = mesh, mode, pad, pad_id
-        # The layout of the outer sharding level: hybrid's ring is always zigzag, Ulysses always contiguous.
-        self.layout = {"ulysses": "contiguous", "hybrid": "zigzag"}.get(mode, layout)
+        self.layout = sequence_layout(mode, layout)
         self.group = mesh.get_group(0) if mesh.ndim == 1 else None
         self.size = mesh.size()
         if mode == "hybrid":

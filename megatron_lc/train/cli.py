@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -10,11 +11,14 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", help="none | auto (newest complete checkpoint in checkpoint.dir) | a step_<N> folder; "
                                     "same as checkpoint.resume=...")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
-                   help="override config values, e.g. optim.lr=1e-4 train.steps=10 parallel.cp=2")
+                   help="override config values, e.g. optim.lr=1e-4 train.steps=10 parallel.cp=2 (before or after "
+                        "the flags)")
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """Load and check the config (before any process group starts), then train."""
+    """Load and check the config (before any process group starts), then train. Returns 0, EXIT_STOPPED (143)
+    when SIGTERM stopped the run after its checkpoint (requeue it: `--resume auto` continues), or 1 after a
+    collective timeout or when a newer process took the run folder over (the message says which)."""
     from .config import load_train_config
 
     overrides = list(args.overrides)
@@ -23,7 +27,15 @@ def run_train(args: argparse.Namespace) -> int:
     cfg = load_train_config(args.config, overrides)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg.check_world(world)  # a mesh that does not fit the world fails here, on every rank, before any collective
-    from .trainer import train
+    from ..distributed import CollectiveTimeout
+    from .run_folder import RunFolderTakenOver
+    from .trainer import StoppedBySignal, train
 
-    train(cfg)
+    try:
+        train(cfg)
+    except StoppedBySignal as e:  # rank 0 has printed the line saying so
+        return e.status
+    except (CollectiveTimeout, RunFolderTakenOver) as e:
+        print(f"[megatron-lc] error: {e}", file=sys.stderr, flush=True)
+        return 1
     return 0

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from ..configtools import ConfigError, check_keys, load_yaml
+from ..configtools import ConfigError, check_keys, check_types, load_yaml, yaml_problem
 from ..model.config import ModelConfig, preset_config
 
 
@@ -32,10 +32,11 @@ class ModelSection:
     def build(self) -> ModelConfig:
         if self.preset is None and not self.config:
             raise ConfigError("model: give model.preset (e.g. tiny, qwen2-0.5b) or model.config fields")
-        if self.preset is None:
-            return ModelConfig.from_dict(dict(self.config), where="model.config")
         check_keys(ModelConfig, self.config, "model.config")
-        return dataclasses.replace(preset_config(self.preset), **self.config)
+        fields = check_types(ModelConfig, self.config, "model.config.")  # errors name the key as the YAML has it
+        if self.preset is None:
+            return ModelConfig.from_dict(fields, where="model.config")
+        return dataclasses.replace(preset_config(self.preset), **fields)
 
 
 @dataclass
@@ -58,6 +59,9 @@ class ParallelSection:
     """zigzag (load-balanced causal work) | contiguous."""
     cp_pad: bool = True
     """Pad each sample to a multiple of the CP chunk count (labels -100), so any length works."""
+    timeout_s: float = 1800.0
+    """Seconds any collective may wait for the other ranks before the run stops with an error naming this key (a
+    stalled or dead rank ends the job instead of hanging it); also the limit for noticing a dead torchrun agent."""
 
 
 @dataclass
@@ -130,6 +134,12 @@ class CheckpointSection:
     """Complete checkpoints to keep (older ones are deleted after a newer one is complete)."""
     resume: str = "none"
     """none | auto (newest complete step_<N> under dir) | a path to a step_<N> folder."""
+    overwrite: bool = False
+    """A fresh run (resume none) in a dir or logging.dir holding another run's files: move those files aside into
+    replaced_<date>_<run id>/ in the same folder (nothing is deleted) and start; false: refuse, naming the choices."""
+    allow_batch_change: bool = False
+    """Resume with another global batch (tokens per optimizer step: a new dp size, micro-batch or
+    data.global_batch_tokens) than the checkpoint's; false: refuse."""
 
 
 @dataclass
@@ -197,12 +207,21 @@ class TrainConfig:
     def model_config(self) -> ModelConfig:
         return self.model.build()
 
+    def sections(self) -> dict[str, Any]:
+        """{section name: its dataclass}, in the YAML's order."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     # ---- checks ---------------------------------------------------------------------------------------------
     def check(self) -> None:
-        """Raise ConfigError naming the key for impossible values and combinations (no processes needed)."""
+        """Raise ConfigError naming the key for values of the wrong type (converting what YAML gives loosely, such
+        as 1e-4 for a float), impossible values and combinations (no processes and no files needed)."""
+        for name, section in self.sections().items():
+            values = {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
+            for key, value in check_types(type(section), values, f"{name}.").items():
+                setattr(section, key, value)
         model = self.model_config()
         p, d, t = self.parallel, self.data, self.train
         from ..parallel.parallel_dims import check_sizes
@@ -272,14 +291,44 @@ class TrainConfig:
             raise ConfigError(f"parallel.cp_mode={p.cp_mode} splits heads: its degree {heads_split} x tp={p.tp} must "
                               f"divide num_heads={model.num_heads}; use cp_mode=ring")
 
+    def check_paths(self) -> None:
+        """Raise ConfigError naming the key for a dataset (data.train_tokens, each data.train_blend prefix,
+        data.val_tokens) without its .bin or .idx, or a model.init_from that is not a model folder; run before any
+        process group or model is built."""
+        d = self.data
+        if d.train_tokens:
+            _check_dataset("data.train_tokens", d.train_tokens)
+        for i, (_, prefix) in enumerate(d.train_blend or ()):
+            _check_dataset(f"data.train_blend[{i}]", prefix)
+        if d.val_tokens:
+            _check_dataset("data.val_tokens", d.val_tokens)
+        if self.model.init_from:
+            from ..checkpoint.convert import folder_kind
+
+            folder_kind(self.model.init_from, "model.init_from")
+
     def check_world(self, world_size: int) -> dict[str, int]:
         """Check that dp_replicate x dp_shard x cp x tp == world_size (ParallelDims resolves dp_shard=-1) and that
         the global batch divides. Returns the sizes {dp_replicate, dp_shard, cp, tp, cp_ulysses, accumulation}."""
+        from ..parallel.context_parallel import sequence_layout
         from ..parallel.parallel_dims import ParallelDims
 
         p = self.parallel
         dims = ParallelDims(p.dp_replicate, p.dp_shard, p.cp, p.tp, world_size, cp_ulysses=p.cp_ulysses)
         dp_shard, dp = dims.dp_shard, dims.dp
+        # cp_pad pads every sample for CP and sequence parallelism at once; without it (or without CP, where
+        # sequence parallelism alone splits the sequence by tp) the length itself must divide.
+        divisor = dims.seq_len_divisor(sequence_layout(p.cp_mode, p.cp_layout))
+        if self.data.seq_len % divisor and (p.cp == 1 or not p.cp_pad):
+            if p.cp == 1:
+                raise ConfigError(f"data.seq_len={self.data.seq_len} does not divide over parallel.tp={p.tp} "
+                                  f"(sequence parallelism splits each sample into tp pieces): use a data.seq_len "
+                                  f"that is a multiple of {divisor}")
+            raise ConfigError(f"data.seq_len={self.data.seq_len} does not divide over parallel.cp={p.cp} "
+                              f"(cp_mode={p.cp_mode}, {sequence_layout(p.cp_mode, p.cp_layout)} layout, tp={p.tp}): "
+                              f"each sample splits into {divisor} equal pieces, and parallel.cp_pad=false forbids "
+                              f"padding; set parallel.cp_pad=true (pads with -100 labels) or use a data.seq_len that "
+                              f"is a multiple of {divisor}")
         per_micro = self.data.seq_len * self.data.micro_batch_size * dp
         accumulation = 1
         if self.data.global_batch_tokens:
@@ -289,6 +338,19 @@ class TrainConfig:
             accumulation = self.data.global_batch_tokens // per_micro
         return {"dp_replicate": p.dp_replicate, "dp_shard": dp_shard, "cp": p.cp, "tp": p.tp,
                 "cp_ulysses": p.cp_ulysses, "accumulation": accumulation}
+
+
+def _check_dataset(key: str, path: str) -> None:
+    """ConfigError naming ``key`` unless dataset ``path`` (PREFIX, PREFIX.bin or PREFIX.idx) has both files."""
+    from ..data.indexed import dataset_prefix
+
+    prefix = dataset_prefix(path)
+    missing = [f for f in (prefix + ".bin", prefix + ".idx") if not os.path.isfile(f)]
+    if missing:
+        where = "" if os.path.isabs(prefix) else f" (relative to {os.getcwd()})"
+        raise ConfigError(f"{key}={path!r}: {' and '.join(missing)} not found{where}; write the dataset with "
+                          f"`megatron-lc data tokenize` (or IndexedDatasetWriter), or set {key} to an existing "
+                          f"PREFIX (PREFIX.bin + PREFIX.idx) or the path of either file")
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -311,10 +373,16 @@ def apply_override(data: dict, item: str) -> None:
     keys = path.strip().split(".")
     if len(keys) < 2:
         raise ConfigError(f"override {item!r}: name a section and a key, e.g. train.steps=10")
-    value = yaml.safe_load(raw)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: the value {raw!r} is not valid YAML ({yaml_problem(e)}): quote "
+                          f"a string ({path.strip()}='\"...\"' in the shell) or close its brackets") from None
     node = data
     for key in keys[:-1]:
-        node = node.setdefault(key, {})
+        if node.get(key) is None:  # `section:` with nothing under it in the YAML
+            node[key] = {}
+        node = node[key]
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: {key} is not a section")
     node[keys[-1]] = value
@@ -332,25 +400,21 @@ def config_from_dict(data: dict[str, Any], where: str = "config") -> TrainConfig
             raise ConfigError(f"{where}: {name} must be a mapping, got {type(value).__name__}")
         check_keys(cls, value, f"{where}: {name}")
         value = dict(value)
-        if name == "optim" and "betas" in value:
-            value["betas"] = tuple(float(b) for b in value["betas"])
-        for key, v in value.items():  # PyYAML reads 1e-4 (no dot) as a string
-            default = getattr(cls(), key)
-            if isinstance(default, float) and isinstance(v, (str, int)) and not isinstance(v, bool):
-                try:
-                    value[key] = float(v)
-                except ValueError:
-                    raise ConfigError(f"{where}: {name}.{key} must be a number, got {v!r}") from None
-        sections[name] = cls(**value)
+        sections[name] = cls(**value)  # value types: cfg.check()
     cfg = TrainConfig(**sections)
     cfg.check()
     return cfg
 
 
-def load_train_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> TrainConfig:
+def load_train_config(path: str | os.PathLike | None, overrides: list[str] = (),
+                      check_paths: bool = True) -> TrainConfig:
     """Read a YAML run config (or start from defaults when path is None), apply ``section.key=value`` overrides,
-    build and check it."""
+    build and check it; ``check_paths`` also checks that its datasets and model.init_from exist (off: a config
+    checked on another machine than the one that trains)."""
     data = load_yaml(path) if path else {}
     for item in overrides:
         apply_override(data, item)
-    return config_from_dict(data, where=str(path) if path else "config")
+    cfg = config_from_dict(data, where=str(path) if path else "config")
+    if check_paths:
+        cfg.check_paths()
+    return cfg

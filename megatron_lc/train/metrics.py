@@ -111,9 +111,12 @@ class MetricsLogger:
     """Rank 0 writes ``{"step": N, <tag>: value, ...}`` lines to ``log_dir/jsonl_name`` and TensorBoard scalars to
     ``log_dir``; metric names are the tags ("train/loss", "train/lr", "val/loss"). Other ranks do nothing.
 
-    ``resume_step=N`` (a run restarted from step N's checkpoint) drops JSONL lines and TensorBoard events after step
-    N, which the run is about to rewrite; None appends. Non-finite values are written as null in the JSONL (strict
-    JSON) and as they are in TensorBoard.
+    The JSONL is only ever appended to, never truncated: a resumed run's lines follow the earlier ones, so steps
+    that a crashed attempt logged after its last checkpoint appear again, and the last line of a step is the one
+    that counts. Only a torn last line (a crash mid-write, no newline) is cut, so the next record starts on a line
+    of its own. ``resume_step=N`` (a run restarted from step N's checkpoint) hides TensorBoard events after step N,
+    which the run is about to rewrite (TensorBoard's purge_step; the event files stay as they are). Non-finite
+    values are written as null in the JSONL (strict JSON) and as they are in TensorBoard.
     """
 
     def __init__(self, log_dir: str | os.PathLike, *, rank: int, tensorboard: bool = True,
@@ -126,8 +129,8 @@ class MetricsLogger:
             raise ValueError(f"resume_step must be None or the non-negative step resumed from, got {resume_step!r}")
         os.makedirs(log_dir, exist_ok=True)
         path = os.path.join(log_dir, jsonl_name)
-        if resume_step is not None and os.path.exists(path):
-            _truncate_jsonl(path, resume_step)
+        if os.path.exists(path):
+            _cut_torn_line(path)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -169,25 +172,22 @@ class MetricsLogger:
         self.close()
 
 
-def _truncate_jsonl(path: str, resume_step: int) -> None:
-    """Keep the lines of steps <= resume_step; a torn last line (a crash mid-write) is dropped."""
-    with open(path) as f:
-        lines = f.read().splitlines()
-    kept = []
-    for i, line in enumerate(lines):
-        try:
-            step = json.loads(line)["step"]
-        except (ValueError, KeyError, TypeError):
-            if i == len(lines) - 1:
-                break
-            raise ValueError(f"{path} line {i + 1} is not a metrics record ({line[:80]!r}); fix or move the file "
-                             f"before resuming") from None
-        if step <= resume_step:
-            kept.append(line + "\n")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)  # atomic: a crash here leaves the old file or the new one, never half of one
+def _cut_torn_line(path: str) -> None:
+    """Cut a last line without its newline (a record a crash left half-written); every complete line stays."""
+    with open(path, "rb+") as f:
+        end = f.seek(0, os.SEEK_END)
+        pos = end
+        while pos > 0:  # back to the last newline, a block at a time (the file may be large)
+            start = max(0, pos - 65536)
+            f.seek(start)
+            block = f.read(pos - start)
+            if pos == end and block.endswith(b"\n"):
+                return
+            if b"\n" in block:
+                f.truncate(start + block.rfind(b"\n") + 1)
+                return
+            pos = start
+        f.truncate(0)  # one torn line and nothing before it
 
 
 # ---- progress line -------------------------------------------------------------------------------------------------

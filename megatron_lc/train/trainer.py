@@ -5,10 +5,17 @@ over DP x CP first, so each micro-batch's summed loss is scaled to its exact sha
 token weighs the same however the batch is split; FSDP's averaging over its ranks is undone by the same factor).
 A step without target tokens is skipped and counted; a non-finite loss or gradient norm skips the step, and
 ``train.max_bad_steps_in_row`` of them in a row abort the run.
+
+The run folders are owned (megatron_lc.train.run_folder): a fresh run refuses another run's folder, a resume takes
+its own over, and every metrics line and checkpoint first checks that no newer process took the folder over. A
+resume with a changed config is checked and applied by megatron_lc.train.resume. SIGTERM checkpoints and stops the
+run; ``train`` then raises StoppedBySignal (exit status EXIT_STOPPED from the command line), so a scheduler can
+requeue it.
 """
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 
@@ -19,20 +26,34 @@ from torch.distributed.tensor import DTensor
 from ..checkpoint import folders as ckpt
 from ..checkpoint.convert import load_model
 from ..data.loader import Loader
-from ..distributed import init_process_group, process_group
+from ..configtools import ConfigError
+from ..distributed import (init_process_group, launcher_watchdog, on_rank0, process_group, set_timeouts,
+                           timeout_errors)
 from ..memory import peak_memory_bytes, reset_peak_memory
 from ..model import Transformer
 from ..model.flops import train_flops_per_token
 from ..parallel.parallel_dims import ParallelDims
 from ..parallel.parallelize import ParallelizeConfig, materialize, parallelize
+from . import resume, run_folder
 from .config import TrainConfig
 from .data_source import train_samples, val_samples
 from .metrics import MetricsLogger, Progress, mfu, peak_flops_per_second
 from .optim import build_optimizer, build_scheduler
 
+EXIT_STOPPED = 143  # 128 + SIGTERM: what shells and schedulers report for a job ended by SIGTERM
+TIMEOUT_KEY = "parallel.timeout_s"
+
 
 class TrainingAborted(RuntimeError):
     """Too many bad steps in a row (non-finite loss or gradients)."""
+
+
+class StoppedBySignal(RuntimeError):
+    """SIGTERM stopped the run before train.steps, after its checkpoint; ``status`` is the exit status to use."""
+
+    def __init__(self, message: str, history: list[dict[str, float]]):
+        super().__init__(message)
+        self.status, self.history = EXIT_STOPPED, history
 
 
 def _device(cfg: TrainConfig) -> torch.device:
@@ -67,15 +88,22 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
-        init_process_group(_device(cfg).type)
+        init_process_group(_device(cfg).type, timeout_s=cfg.parallel.timeout_s)
         self.device = _device(cfg)
         self.rank, world = dist.get_rank(), dist.get_world_size()
         sizes = cfg.check_world(world)
         self.accumulation = sizes.pop("accumulation")
+        self.run_folders = None
+        if cfg.checkpoint.resume == "none":  # a fresh run: refuse another run's folder before any work
+            self._take_run_folders(None, None)
         self.dims = ParallelDims(world_size=world, **sizes)
         self.dims.build_mesh(self.device.type)
+        set_timeouts(cfg.parallel.timeout_s)  # the mesh's groups too (DeviceMesh gives them torch's default)
         self.dp_cp_group = self.dims.get_mesh("dp_cp").get_group()
         self.model_config = cfg.model_config()
+        d = cfg.data  # data first: a dataset that does not fit the model's vocabulary stops before the model exists
+        samples = train_samples(d, self.model_config.vocab_size)
+        self.val_samples = val_samples(d, self.model_config.vocab_size)
         with torch.device("meta"):
             self.model = Transformer(self.model_config)
         param_dtype = torch.bfloat16 if cfg.train.dtype == "bfloat16" else None
@@ -92,15 +120,14 @@ class Trainer:
         self.params = [q for q in self.model.parameters() if q.requires_grad]
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.train.steps, cfg.schedule)
-        d = cfg.data
-        samples = train_samples(d, self.model_config.vocab_size)
+        self.config_hparams = resume.optimizer_hparams(self.optimizer)  # before a checkpoint overwrites them
         self.dp_rank = self.dims.get_mesh("dp").get_local_rank()
         self.loader = Loader(samples, d.micro_batch_size, self.dims.dp, self.dp_rank)
-        self.val_samples = val_samples(d, self.model_config.vocab_size)
         self.step, self.skipped, self.bad_in_row, self.tokens_seen = 0, 0, 0, 0
+        self.batch_tokens = d.seq_len * d.micro_batch_size * self.dims.dp * self.accumulation  # per optimizer step
         self.flops_per_token = train_flops_per_token(self.model_config, d.seq_len)
         self.peak_flops = peak_flops_per_second(self.device, param_dtype or torch.float32)
-        self.stop_requested = False
+        self.stop_requested, self.stopped_by = False, None
         self.grad_hook = None  # called as grad_hook(trainer) once a step's gradients are final, before clipping
         self._maybe_resume()
 
@@ -111,27 +138,75 @@ class Trainer:
             for path in ckpt.find_checkpoints(c.dir)[1]:
                 print(f"[megatron-lc] ignoring incomplete checkpoint {path} (no {ckpt.MARKER} marker: its save "
                       f"crashed)", flush=True)
-        path = ckpt.latest_checkpoint(c.dir) if c.resume == "auto" else (None if c.resume == "none" else c.resume)
+        if c.resume == "none":
+            return
+        self._check_resume_early()  # run_folder/resume: a config that cannot resume stops before weights are read
+        # auto falls back past corrupt checkpoints (saying which file failed); an explicit path never does
+        path, state = (ckpt.load_latest(c.dir, self.model, self.optimizer) if c.resume == "auto"
+                       else (c.resume, ckpt.load(c.resume, self.model, self.optimizer)))
+        self._take_run_folders(path, state)  # run_folder/resume: config diff, refusals, the folder taken over
         if path is None:
             return
-        state = ckpt.load(path, self.model, self.optimizer)
         if not state["has_optimizer"]:  # weights only (e.g. converted from HF): a warm start at step 0
             if self.rank == 0:
                 print(f"[megatron-lc] starting from the weights of {path}", flush=True)
             return
         self.scheduler.load_state_dict(state["scheduler"])
+        resume.apply(self.optimizer, self.scheduler, self.config_hparams)  # the new lr, not the checkpoint's
         self.loader.load_state_dict(state["loader"])
         self.step, self.skipped, self.tokens_seen = state["step"], state["skipped"], state["tokens_seen"]
         if self.rank == 0:
             print(f"[megatron-lc] resumed from {path} at step {self.step}", flush=True)
 
-    def save(self) -> str:
+    def _check_resume_early(self) -> None:
+        """Refuse a resume whose config cannot continue the checkpoint it will load (the newest complete one, or
+        checkpoint.resume) before any weight is read; a checkpoint that cannot be read is left to the loading."""
         c = self.cfg.checkpoint
+
+        def check():
+            path = ckpt.latest_checkpoint(c.dir) if c.resume == "auto" else c.resume
+            try:
+                state = ckpt.read_trainer_state(path) if path else None
+            except ConfigError:
+                return None
+            if state and state.get("has_optimizer"):
+                resume.check(self.cfg, state, path, self.batch_tokens)
+
+        on_rank0(check)
+
+    def _take_run_folders(self, path: str | None, state: dict | None) -> None:
+        """Rank 0 checks the run's folders (on a resume also the config against checkpoint ``path``'s, printing
+        what changed) and takes them over; every rank gets the same run id and owner token, or the same error."""
+        c, log_dir = self.cfg.checkpoint, self.cfg.logging.dir
+        folders = {"checkpoint.dir": c.dir} if c.dir else {}
+        if log_dir and os.path.normpath(log_dir) != os.path.normpath(c.dir or "."):
+            folders["logging.dir"] = log_dir
+        resumed = state is not None and state.get("has_optimizer")
+
+        def take():
+            lines = resume.check(self.cfg, state, path, self.batch_tokens) if resumed else []
+            run, notes = run_folder.take(folders, fresh=c.resume == "none", overwrite=c.overwrite,
+                                         run_id=state.get("run_id") if resumed else None, checkpoint=path)
+            for line in [*lines, *notes]:
+                print(line, flush=True)
+            return [run.run_id, run.token]
+
+        run_id, token = on_rank0(take)
+        self.run_folders = run_folder.RunFolders(run_id, token, tuple(folders.values()))
+
+    def save(self) -> str:
+        """Write step_<step>/ (collective), once every rank saw that this process still owns the run folder; then
+        prune to checkpoint.keep among this run's checkpoints only."""
+        c = self.cfg.checkpoint
+        self._agree(every_rank_looks=True)
         path = ckpt.step_dir(c.dir, self.step)
         state = {"step": self.step, "skipped": self.skipped, "tokens_seen": self.tokens_seen,
                  "scheduler": self.scheduler.state_dict(), "loader": self.loader.state_dict(),
-                 "config": self.cfg.to_dict()}
-        ckpt.save(path, self.model, self.optimizer, state, keep=c.keep)
+                 "config": self.cfg.to_dict(), "run_id": self.run_folders.run_id,
+                 "global_batch_tokens": self.batch_tokens}
+        ckpt.save(path, self.model, self.optimizer, state)
+        if self.rank == 0:
+            ckpt.prune(c.dir, c.keep, newest=path, belongs=run_folder.belongs_to(self.run_folders.run_id))
         return path
 
     # ---- one step ---------------------------------------------------------------------------------------------
@@ -152,7 +227,7 @@ class Trainer:
         local_count = sum(int((b["labels"] != -100).sum()) for b in batches)
         (global_count,) = self._all_reduce(torch.tensor(local_count))
         self.step += 1
-        tokens = self.cfg.data.seq_len * self.cfg.data.micro_batch_size * self.dims.dp * self.accumulation
+        tokens = self.batch_tokens
         self.tokens_seen += tokens
         metrics = {"train/lr": self.scheduler.get_last_lr()[0], "train/tokens_seen": self.tokens_seen}
         if global_count == 0:
@@ -209,10 +284,30 @@ class Trainer:
     def _on_sigterm(self, signum, frame):
         self.stop_requested = True
 
-    def _stop_everywhere(self) -> bool:
-        flag = torch.tensor([float(self.stop_requested)], device=self.device)
-        dist.all_reduce(flag)
-        return bool(flag.item())
+    def _agree(self, *, every_rank_looks: bool) -> bool:
+        """Whether any rank got SIGTERM, in one all-reduce with whether a newer process took the run folder over
+        (looked at by every rank, or by rank 0 alone: the one that writes metrics); a takeover raises
+        RunFolderTakenOver on every rank, before anything more is written."""
+        taken = None
+        if every_rank_looks or self.rank == 0:
+            try:
+                self.run_folders.check_owner()
+            except run_folder.RunFolderTakenOver as e:
+                taken = e
+        flags = torch.tensor([float(self.stop_requested), float(taken is not None)], device=self.device)
+        dist.all_reduce(flags)
+        if flags[1].item():
+            raise taken or run_folder.RunFolderTakenOver(
+                f"rank {self.rank}: rank 0 found the run folder taken over by a newer process: stopping without "
+                f"writing")
+        return bool(flags[0].item())
+
+    def _say_stopped(self) -> None:
+        self.stopped_by = "SIGTERM"
+        if self.rank == 0:
+            then = ("`--resume auto` continues" if self.cfg.checkpoint.dir
+                    else "nothing was saved (no checkpoint.dir)")
+            print(f"[megatron-lc] stopped by SIGTERM at step {self.step}; {then}", flush=True)
 
     def run(self, until: int | None = None) -> list[dict[str, float]]:
         """Train to train.steps, or to step ``until`` (then checkpoint, as on SIGTERM, and return: the schedule
@@ -222,26 +317,30 @@ class Trainer:
         log_dir = cfg.logging.dir or cfg.checkpoint.dir
         history = []
         logger = MetricsLogger(log_dir, rank=self.rank, tensorboard=cfg.logging.tensorboard,
-                               resume_step=self.step) if log_dir else None
+                               resume_step=self.step or None) if log_dir else None
         progress = Progress(cfg.train.steps, rank=self.rank)
         try:
             last = cfg.train.steps if until is None else min(until, cfg.train.steps)
-            while self.step < last:
-                reset_peak_memory(self.device)
-                metrics = self.train_step()
-                metrics["train/peak_memory_gib"] = peak_memory_bytes(self.device) / 2**30
-                if cfg.eval.every and self.step % cfg.eval.every == 0:
-                    metrics["val/loss"] = self.evaluate()
-                history.append({"step": self.step, **metrics})
-                if logger and self.step % cfg.logging.every == 0:
-                    logger.log(self.step, metrics)
-                progress.update(self.step, metrics)
-                stop = self._stop_everywhere() or self.step == last
-                if cfg.checkpoint.dir and (stop or
-                                           (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0)):
-                    self.save()
-                if stop:
-                    break
+            with timeout_errors(TIMEOUT_KEY, cfg.parallel.timeout_s):
+                while self.step < last:
+                    reset_peak_memory(self.device)
+                    metrics = self.train_step()
+                    metrics["train/peak_memory_gib"] = peak_memory_bytes(self.device) / 2**30
+                    if cfg.eval.every and self.step % cfg.eval.every == 0:
+                        metrics["val/loss"] = self.evaluate()
+                    history.append({"step": self.step, **metrics})
+                    signalled = self._agree(every_rank_looks=False)  # before this step's metrics are written
+                    if logger and self.step % cfg.logging.every == 0:
+                        logger.log(self.step, metrics)
+                    progress.update(self.step, metrics)
+                    stop = signalled or self.step == last
+                    if cfg.checkpoint.dir and (stop or
+                                               (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0)):
+                        self.save()
+                    if signalled:
+                        self._say_stopped()
+                    if stop:
+                        break
         finally:
             if logger:
                 logger.close()
@@ -258,6 +357,14 @@ class Trainer:
 
 def train(cfg: TrainConfig) -> list[dict[str, float]]:
     """Build a Trainer from ``cfg`` and run it; returns the per-step metrics. Tears down the process group it
-    started (under torchrun, or alone), so the process exits cleanly."""
-    with process_group(_device(cfg).type):
-        return Trainer(cfg).run()
+    started (under torchrun, or alone), so the process exits cleanly. Raises StoppedBySignal when SIGTERM stopped
+    the run (after its checkpoint), CollectiveTimeout naming parallel.timeout_s when a collective timed out; under
+    torchrun a worker whose agent died exits (megatron_lc.distributed.launcher_watchdog)."""
+    timeout_s = cfg.parallel.timeout_s
+    with (process_group(_device(cfg).type, timeout_s=timeout_s), launcher_watchdog(timeout_s),
+          timeout_errors(TIMEOUT_KEY, timeout_s)):
+        trainer = Trainer(cfg)
+        history = trainer.run()
+    if trainer.stopped_by:
+        raise StoppedBySignal(f"stopped by {trainer.stopped_by} at step {trainer.step}", history)
+    return history
