@@ -157,6 +157,7 @@ def test_imports_flow_one_way():
 DUPLICATE_EXCEPTIONS: dict[str, str] = {}
 
 
+@pytest.mark.slow  # 176 s in .ci/run's default suite (2 cores, 2 workers): astroid builds every module it reaches
 @pytest.mark.skipif(shutil.which("pylint") is None and subprocess.run(
     [sys.executable, "-m", "pylint", "--version"], capture_output=True).returncode != 0,
     reason="pylint is in [dev]; install it to run the duplicate-code check")
