@@ -146,6 +146,7 @@ def test_parallel_layout_equals_one_process(corpus, world, overrides):
             torch.testing.assert_close(r["grads"][name], grad, atol=1e-5, rtol=1e-5, msg=name)
 
 
+@pytest.mark.slow  # 80 s in .ci/run's default suite (2 cores): the Triton interpreter runs every kernel
 def test_triton_kernels_train_like_torch(corpus):
     """train.kernels=triton (every op; the interpreter without a GPU, fp32): 5 steps of the tiny preset give the
     torch kernels' losses and grad norms within 1e-4."""
