@@ -117,8 +117,10 @@ def _build_hf(spec: dict, config: ModelConfig, device: torch.device, dtype: torc
         from liger_kernel.transformers import apply_liger_kernel_to_qwen2
 
         apply_liger_kernel_to_qwen2()  # patches the Qwen2 classes: must run before the model is built
-    hf_config = transformers.Qwen2Config(**to_hf_config(config, str(dtype).replace("torch.", "")))
-    hf_config.use_cache = False
+    # use_cache set here, not by assigning the attribute afterwards: pylint's duplicate-code test would have astroid
+    # infer that assignment's target through all of transformers (100 s of its run).
+    hf_fields = to_hf_config(config, str(dtype).replace("torch.", "")) | {"use_cache": False}
+    hf_config = transformers.Qwen2Config(**hf_fields)
     with torch.device(device):
         model = transformers.Qwen2ForCausalLM._from_config(hf_config, dtype=dtype, attn_implementation="sdpa")
     model.gradient_checkpointing_enable()
