@@ -27,6 +27,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from ..configtools import ConfigError
+from ..files import write_atomic, write_json
 
 MARKER = "COMPLETE"
 MANIFEST = "MANIFEST.json"
@@ -141,11 +142,8 @@ def _written_by(path: str, rank: int) -> list[str]:
 
 def write_manifest(path: str, files: dict[str, dict]) -> None:
     """Write ``MANIFEST.json`` ({name: {"size", "sha256"}}) in folder ``path``, atomically."""
-    tmp = os.path.join(path, MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump({"format": "megatron_lc checkpoint manifest", "version": 1, "files": dict(sorted(files.items()))},
-                  f, indent=1)
-    os.replace(tmp, os.path.join(path, MANIFEST))
+    manifest = {"format": "megatron_lc checkpoint manifest", "version": 1, "files": dict(sorted(files.items()))}
+    write_json(os.path.join(path, MANIFEST), manifest, tmp=os.path.join(path, MANIFEST + ".tmp"))  # save cleans it
 
 
 def read_manifest(path: str) -> dict[str, dict] | None:
@@ -287,10 +285,7 @@ def prune(root: str, keep: int, newest: str, belongs: Callable[[str], bool] | No
 
 def write_marker(path: str) -> None:
     """Mark folder ``path`` complete, atomically (a crash leaves either no marker or the whole one)."""
-    tmp = os.path.join(path, MARKER + ".tmp")
-    with open(tmp, "w") as f:
-        f.write("ok\n")
-    os.replace(tmp, os.path.join(path, MARKER))
+    write_atomic(os.path.join(path, MARKER), "ok\n", tmp=os.path.join(path, MARKER + ".tmp"))
 
 
 def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, *,

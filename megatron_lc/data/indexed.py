@@ -34,6 +34,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ..configtools import ConfigError
+from ..files import write_json
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -71,14 +72,6 @@ def _paths(prefix: str) -> dict[str, str]:
 
 def _say(message: str) -> None:
     print(f"[megatron-lc] {message}", file=sys.stderr, flush=True)
-
-
-def write_json(path: str, data: dict) -> None:
-    """Write ``data`` as JSON to ``path`` atomically (a temporary file renamed over it): readers never see half."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
 
 
 def _chunks_sha256(path: str, chunks: list[list[int]]) -> str:

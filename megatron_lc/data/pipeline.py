@@ -30,8 +30,8 @@ from dataclasses import asdict
 import numpy as np
 
 from ..configtools import ConfigError
+from ..files import write_json
 from .documents import Document, ReadReport, iter_documents
-from .indexed import write_json
 
 
 def _progress(total: int | None, unit: str, desc: str, enabled: bool):

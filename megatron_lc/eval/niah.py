@@ -16,7 +16,6 @@ scripted oracle and a real model go through the same grid code. The grid can be 
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -24,6 +23,7 @@ import string
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from .. import files
 from ..configtools import ConfigError
 from ..data.stdlib_text import stdlib_docstring_text
 
@@ -327,8 +327,7 @@ def sharded_answer_fn(model, cp, tokenizer, max_new_tokens: int) -> AnswerFn:
 # ---- output -----------------------------------------------------------------------------------------------------
 def write_json(results: dict, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(results, f, indent=1)
+    files.write_json(path, results)
 
 
 def _length_label(n: int) -> str:

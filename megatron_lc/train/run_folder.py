@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from ..checkpoint import folders as ckpt
 from ..configtools import ConfigError
+from ..files import write_json
 
 RUN_FILE = "run.json"
 _RUN_NAMES = re.compile(r"^(run\.json|metrics\.jsonl|events\.out\.tfevents\..+|step_\d+)$")
@@ -104,10 +105,7 @@ class RunFolders:
 
 def _write_run(folder: str, run: dict) -> None:
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, RUN_FILE + f".{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(run, f, indent=1)
-    os.replace(tmp, os.path.join(folder, RUN_FILE))  # atomic: a reader sees the old owner or the new one
+    write_json(os.path.join(folder, RUN_FILE), run)  # atomic: a reader sees the old owner or the new one
 
 
 def _shown(names: list[str]) -> str:

@@ -140,11 +140,11 @@ class Trainer:
                       f"crashed)", flush=True)
         if c.resume == "none":
             return
-        self._check_resume_early()  # run_folder/resume: a config that cannot resume stops before weights are read
+        early = self._check_resume_early()  # run_folder/resume: a config that cannot resume stops before any load
         # auto falls back past corrupt checkpoints (saying which file failed); an explicit path never does
         path, state = (ckpt.load_latest(c.dir, self.model, self.optimizer) if c.resume == "auto"
                        else (c.resume, ckpt.load(c.resume, self.model, self.optimizer)))
-        self._take_run_folders(path, state)  # run_folder/resume: config diff, refusals, the folder taken over
+        self._take_run_folders(path, state, early)  # run_folder/resume: config diff, refusals, the folder taken
         if path is None:
             return
         if not state["has_optimizer"]:  # weights only (e.g. converted from HF): a warm start at step 0
@@ -158,9 +158,11 @@ class Trainer:
         if self.rank == 0:
             print(f"[megatron-lc] resumed from {path} at step {self.step}", flush=True)
 
-    def _check_resume_early(self) -> None:
+    def _check_resume_early(self) -> list:
         """Refuse a resume whose config cannot continue the checkpoint it will load (the newest complete one, or
-        checkpoint.resume) before any weight is read; a checkpoint that cannot be read is left to the loading."""
+        checkpoint.resume) before any weight is read; a checkpoint that cannot be read is left to the loading.
+        Returns [path checked, its change lines] (on every rank) so the run-folder step does not diff the same
+        checkpoint again."""
         c = self.cfg.checkpoint
 
         def check():
@@ -168,15 +170,17 @@ class Trainer:
             try:
                 state = ckpt.read_trainer_state(path) if path else None
             except ConfigError:
-                return None
+                return [None, []]
             if state and state.get("has_optimizer"):
-                resume.check(self.cfg, state, path, self.batch_tokens)
+                return [path, resume.check(self.cfg, state, path, self.batch_tokens)]
+            return [None, []]
 
-        on_rank0(check)
+        return on_rank0(check)
 
-    def _take_run_folders(self, path: str | None, state: dict | None) -> None:
+    def _take_run_folders(self, path: str | None, state: dict | None, early: list | None = None) -> None:
         """Rank 0 checks the run's folders (on a resume also the config against checkpoint ``path``'s, printing
-        what changed) and takes them over; every rank gets the same run id and owner token, or the same error."""
+        what changed, unless ``early`` = [path, lines] already diffed it) and takes them over; every rank gets the
+        same run id and owner token, or the same error."""
         c, log_dir = self.cfg.checkpoint, self.cfg.logging.dir
         folders = {"checkpoint.dir": c.dir} if c.dir else {}
         if log_dir and os.path.normpath(log_dir) != os.path.normpath(c.dir or "."):
@@ -184,7 +188,9 @@ class Trainer:
         resumed = state is not None and state.get("has_optimizer")
 
         def take():
-            lines = resume.check(self.cfg, state, path, self.batch_tokens) if resumed else []
+            checked, early_lines = early or [None, []]
+            lines = [] if not resumed else early_lines if checked == path else \
+                resume.check(self.cfg, state, path, self.batch_tokens)  # auto fell back past a corrupt newest
             run, notes = run_folder.take(folders, fresh=c.resume == "none", overwrite=c.overwrite,
                                          run_id=state.get("run_id") if resumed else None, checkpoint=path)
             for line in [*lines, *notes]:
