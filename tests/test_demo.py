@@ -1,7 +1,9 @@
 """`megatron-lc demo`: a tiny training run (loss, generation, --out, the LR schedule in its log), --minutes, the CLI.
 
 The byte tokenizer and the docstring corpus are tested with their modules (test_data_tokenizer.py,
-test_data_stdlib_text.py); the default-settings run is the slow test at the end."""
+test_data_stdlib_text.py). The default-settings run (400 steps, about 4.5 minutes on 2 cores) is no longer a test:
+the slow suite's 12-minute budget (issue 15) cannot hold it, and this demo is replaced by the context-extension demo
+(issue 21); .ci/commands runs the console script from the runtime install."""
 import argparse
 import itertools
 import json
@@ -93,17 +95,3 @@ def test_cli_bad_flag_is_a_usage_error_naming_the_flag(capsys, flag, value):
         main(["demo", flag, value])
     assert exc.value.code == 2
     assert flag in capsys.readouterr().err
-
-
-@pytest.mark.slow
-def test_default_demo_command_end_to_end(tmp_path):
-    """README's main job as a user runs it: the console script, default settings (~3.5 min on 2 cores)."""
-    out = tmp_path / "out"
-    exe = os.path.join(os.path.dirname(sys.executable), "megatron-lc")
-    proc = subprocess.run([exe, "demo", "--out", str(out)], capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    final = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
-    assert final["step"] == 400 and "final/val_loss" in final
-    # measured: 5.41 -> 1.69 nats/byte (2026-11-24, 2 CPU cores); 2.0 leaves room for thread-count noise
-    assert final["final/initial_val_loss"] > 5.0 and final["final/val_loss"] < 2.0, final
-    assert "generating" in proc.stdout and "--- 'Return the '" in proc.stdout
