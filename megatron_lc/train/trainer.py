@@ -188,9 +188,11 @@ class Trainer:
         resumed = state is not None and state.get("has_optimizer")
 
         def take():
-            checked, early_lines = early or [None, []]
-            lines = [] if not resumed else early_lines if checked == path else \
-                resume.check(self.cfg, state, path, self.batch_tokens)  # auto fell back past a corrupt newest
+            checked, lines = early or [None, []]
+            if not resumed:
+                lines = []
+            elif checked != path:  # auto fell back past a corrupt newest checkpoint: diff the one it loaded
+                lines = resume.check(self.cfg, state, path, self.batch_tokens)
             run, notes = run_folder.take(folders, fresh=c.resume == "none", overwrite=c.overwrite,
                                          run_id=state.get("run_id") if resumed else None, checkpoint=path)
             for line in [*lines, *notes]:
