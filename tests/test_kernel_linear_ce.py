@@ -149,9 +149,9 @@ class _LargestAlloc(TorchDispatchMode):
 
 
 def test_memory_bounded_by_chunk():
-    """N=4096, V=1000, H=64, chunk=256: no tensor larger than the [chunk, V] fp32 buffer (1 MB) is created,
-    16x below the N*V*4 = 16.4 MB a full logits tensor would take (bound asserted: 2 x chunk*V*4)."""
-    n, h_dim, v, chunk = 4096, 64, 1000, 256
+    """N=1024, V=1000, H=64, chunk=64: no tensor larger than the [chunk, V] fp32 buffer (256 KB) is created,
+    8x below the N*V*4 = 4.1 MB a full logits tensor would take (bound asserted: 2 x chunk*V*4)."""
+    n, h_dim, v, chunk = 1024, 64, 1000, 64
     hidden, weight, labels = _inputs(n, h_dim, v, torch.float32, seed=4)
     h = hidden.requires_grad_()
     w = weight.requires_grad_()

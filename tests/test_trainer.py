@@ -2,7 +2,7 @@
 loading, crash-safe checkpoints, skipped and aborted steps, config errors, TensorBoard and JSONL logs.
 
 Every run happens in spawned processes (``run_distributed``), one process being world size 1, so no process group
-leaks into the test process.
+leaks into the test process (``convert`` runs in-process: it opens and closes a one-process group of its own).
 """
 import json
 import os
@@ -337,38 +337,34 @@ def test_world_size_must_fit_the_mesh(corpus):
 
 
 # ---- conversion to and from HF folders ----------------------------------------------------------------------------
-def _cli(*args):
-    import subprocess
-    import sys
+def _params_job(rank, world, corpus, overrides, train=False):
+    """The model's full parameters after building a Trainer (and, with ``train``, after its run)."""
+    from torch.distributed.tensor import DTensor
 
-    done = subprocess.run([sys.executable, "-m", "megatron_lc.cli", *args], capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr
-    return done
-
-
-def _params_job(rank, world, corpus, overrides):
     from megatron_lc.train.trainer import Trainer
 
     trainer = Trainer(_cfg(corpus, overrides))
-    return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    if train:
+        trainer.run()
+    return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+            for n, p in trainer.model.named_parameters()}
 
 
 def test_convert_checkpoint_to_hf_and_back(corpus, tmp_path):
     """A checkpoint written by 2 FSDP ranks -> HF folder (transformers-loadable) with the trained weights; that HF
     folder -> a weights-only checkpoint a new run starts from (step 0, fresh optimizer)."""
+    from megatron_lc.cli import main  # here, not at the top: every spawned rank imports this module
     from megatron_lc.model import load_hf
 
     run = tmp_path / "run"
-    _run(2, corpus, ["train.steps=2", "data.micro_batch_size=2", f"checkpoint.dir={run}"])
-    _cli("convert", "--from", str(run / "step_2"), "--to", str(tmp_path / "hf"))
-    trained = run_distributed(_params_job, 1, corpus, [f"checkpoint.resume={run}/step_2",
-                                                       "data.micro_batch_size=4"])[0]  # the same global batch
+    trained = run_distributed(_params_job, 2, corpus, ["train.steps=2", "data.micro_batch_size=2",
+                                                       f"checkpoint.dir={run}"], True)[0]
+    assert main(["convert", "--from", str(run / "step_2"), "--to", str(tmp_path / "hf")]) == 0
     exported = dict(load_hf(str(tmp_path / "hf")).named_parameters())
     assert exported.keys() == trained.keys()
     for name, value in trained.items():
         assert torch.equal(exported[name], value), name
-    _cli("convert", "--from", str(tmp_path / "hf"), "--to", str(tmp_path / "warm" / "step_0"))
+    assert main(["convert", "--from", str(tmp_path / "hf"), "--to", str(tmp_path / "warm" / "step_0")]) == 0
     warm = run_distributed(_params_job, 1, corpus, [f"checkpoint.resume={tmp_path}/warm/step_0"])[0]
     for name, value in trained.items():
         assert torch.equal(warm[name], value), name
@@ -383,6 +379,7 @@ def test_checkpoint_written_before_the_move_resumes_and_converts(corpus, tmp_pat
     model.init_from=step_2 starts a run from its weights."""
     from safetensors.torch import load_file
 
+    from megatron_lc.cli import main
     from megatron_lc.model import load_hf
 
     with open(os.path.join(LEGACY, "expected.json")) as f:
@@ -390,7 +387,7 @@ def test_checkpoint_written_before_the_move_resumes_and_converts(corpus, tmp_pat
     resumed = _run(1, corpus, [*expected["overrides"], f"checkpoint.resume={LEGACY}/step_2"], until=3)[0]
     assert resumed["start_step"] == 2 and resumed["steps"] == [3]
     assert resumed["loss"][0] == pytest.approx(expected["loss"][2], abs=1e-6)
-    _cli("convert", "--from", os.path.join(LEGACY, "step_2"), "--to", str(tmp_path / "hf"))
+    assert main(["convert", "--from", os.path.join(LEGACY, "step_2"), "--to", str(tmp_path / "hf")]) == 0
     old = load_file(os.path.join(LEGACY, "hf", "model.safetensors"))
     new = load_file(tmp_path / "hf" / "model.safetensors")
     assert old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in old)
