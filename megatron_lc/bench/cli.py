@@ -1,7 +1,13 @@
-"""``megatron-lc bench WHAT``: one subcommand per benchmark, each with its own flags (see megatron_lc.bench)."""
+"""``megatron-lc bench WHAT``: one subcommand per benchmark, each with its own flags (see megatron_lc.bench).
+
+Every benchmark writes under its ``--out`` folder; its default shows in ``--help``, and after the run this command
+prints the folder and the files the run wrote there.
+"""
 from __future__ import annotations
 
 import argparse
+import os
+import time
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -34,6 +40,18 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
         bench.add_args(sub.add_parser(what, help=bench.help, description=bench.doc.split("\n\n")[0]))
 
 
+def written_since(folder: str, start: float, shown: int = 12) -> str:
+    """The files under ``folder`` modified at or after ``start`` (a time.time()), as one comma-separated line of
+    paths relative to it (the first ``shown``, then a count); "" when there are none."""
+    names = sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs
+                   if os.path.getmtime(os.path.join(d, f)) >= start)
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
 def run_bench(args: argparse.Namespace) -> int:
-    """Run the benchmark ``args.what``; returns its exit status."""
-    return BENCHES[args.what].run(args)
+    """Run the benchmark ``args.what``, then print where it wrote; returns its exit status."""
+    start = time.time() - 0.1  # file times come from a coarser clock: they can trail time.time() by a tick
+    status = BENCHES[args.what].run(args)
+    wrote = written_since(args.out, start) if os.path.isdir(args.out) else ""
+    print(f"[bench {args.what}] wrote under {os.path.abspath(args.out)}: {wrote or 'nothing'}", flush=True)
+    return status

@@ -138,7 +138,8 @@ def add_cp_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads shared by all ranks")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--timeout", type=float, default=1800)
-    p.add_argument("--out", default="runs/bench_cp")
+    p.add_argument("--out", default="runs/bench_cp",
+                   help="folder for bench_cp.json and bench_cp.png (default: %(default)s)")
 
 
 def run_cp(args: argparse.Namespace) -> int:
@@ -168,5 +169,4 @@ def run_cp(args: argparse.Namespace) -> int:
     with open(os.path.join(args.out, "bench_cp.json"), "w") as f:
         json.dump({"config": cfg, "rows": rows}, f, indent=1)
     _plot(rows, args, os.path.join(args.out, "bench_cp.png"))
-    print(f"wrote {args.out}/bench_cp.json and bench_cp.png")
     return 0

@@ -60,7 +60,7 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mb", type=float, default=40.0, help="corpus size in MB (default 40)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     p.add_argument("--vocab-size", type=int, default=8000)
-    p.add_argument("--out", default="bench_data_out")
+    p.add_argument("--out", default="bench_data_out", help="folder for bench_data.json (default: %(default)s)")
 
 
 def run_data(args: argparse.Namespace) -> int:

@@ -4,7 +4,8 @@ forward and forward+backward at our presets' sizes.
 Reports the median time, achieved GB/s and percent of the device's measured copy bandwidth for the memory-bound
 ops (rmsnorm, swiglu, rope), TFLOP/s for linear cross-entropy and attention, and the peak memory above the inputs;
 writes ``kernels.md`` (a Markdown table), ``kernels.json`` and ``kernels.png`` under --out. ``--smoke`` runs one
-small shape per op, without torch.compile (about 20 s of compiling per kernel on 2 CPU cores), for CI.
+small shape per op, without torch.compile (about 20 s of compiling per kernel on 2 CPU cores), for CI; on CPU that
+is one bar per op, so no chart is drawn (the output says so; the table has the numbers).
 
 Each op is one entry of ``BENCHES`` (as Liger-Kernel's benchmark builder): its shapes, how to make its inputs,
 the scalar its backward starts from, and its memory traffic or matmul FLOPs. Adding an op is adding an entry.
@@ -225,34 +226,43 @@ def to_markdown(rows: list[dict], header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(rows: list[dict], path: str) -> None:
+def plot(rows: list[dict], path: str):
+    """One panel per op: a bar of median fwd+bwd ms per (shape, implementation), the axis from zero; saved as PNG
+    at ``path``. Returns the matplotlib Figure (closed), or None, drawing nothing, when every panel would hold one
+    bar (nothing to compare: e.g. ``--smoke`` on CPU, one shape and only torch per op)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ops = sorted({r["op"] for r in rows})
+    if all(sum(r["op"] == op for r in rows) <= 1 for op in ops):
+        return None
     fig, axes = plt.subplots(1, len(ops), figsize=(4 * len(ops), 3.5), squeeze=False)
     for ax, op in zip(axes[0], ops):
         sel = [r for r in rows if r["op"] == op]
         labels = [f"{r['shape']}\n{r['impl']}" for r in sel]
         ax.barh(range(len(sel)), [r["fwd_bwd_ms"] for r in sel])
         ax.set_yticks(range(len(sel)), labels, fontsize=6)
+        ax.set_xlim(left=0)
         ax.set_xlabel("fwd+bwd ms (median)")
         ax.set_title(op)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return fig
 
 
 def add_kernels_args(p: argparse.ArgumentParser) -> None:
     """The flags of ``megatron-lc bench kernels``."""
     p.add_argument("--smoke", action="store_true", help="one small shape per op, no torch.compile (CI)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per case (default 20; 2 with --smoke)")
-    p.add_argument("--out", default="runs/bench_kernels")
+    p.add_argument("--out", default="runs/bench_kernels",
+                   help="folder for kernels.md, kernels.json, kernels.png (default: %(default)s)")
 
 
 def run_kernels(args: argparse.Namespace) -> int:
@@ -271,6 +281,8 @@ def run_kernels(args: argparse.Namespace) -> int:
         f.write(table)
     with open(os.path.join(args.out, "kernels.json"), "w") as f:
         json.dump({"header": header, "rows": rows}, f, indent=1)
-    _plot(rows, os.path.join(args.out, "kernels.png"))
     print(table)
+    if plot(rows, os.path.join(args.out, "kernels.png")) is None:
+        print("no kernels.png: every op has one bar (one shape, one implementation), nothing to compare; the table "
+              "above has the numbers (without --smoke, or on CUDA with the Triton kernels, the chart is drawn)")
     return 0

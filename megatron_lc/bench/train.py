@@ -196,7 +196,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cp-rank", type=int, default=0,
                    help="which rank of the --cp-rank-of ring (zigzag gives every rank the same block shapes)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per case before it is stopped")
-    p.add_argument("--out", default="runs/bench_train", help="folder for train.md, train.json, train.png")
+    p.add_argument("--out", default="runs/bench_train", help="folder for train.md, train.json, train.png (default: %(default)s)")
 
 
 def _check_args(args: argparse.Namespace) -> None:

@@ -48,8 +48,9 @@ def to_markdown(rows: list[dict], header: str, notes: list[str]) -> str:
     return "\n".join(lines + [""] + notes) + "\n"
 
 
-def plot(rows: list[dict], path: str) -> None:
-    """tokens/s vs S and peak memory (extra solid, absolute dashed) vs S, one line per contender (PNG)."""
+def plot(rows: list[dict], path: str):
+    """tokens/s vs S and peak memory (extra solid, absolute dashed) vs S, one line per contender, both axes from
+    zero (PNG at ``path``). Returns the matplotlib Figure (closed: saved, not shown)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -69,6 +70,7 @@ def plot(rows: list[dict], path: str) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sequence length S")
         ax.set_ylabel(label)
+        ax.set_ylim(bottom=0)  # from zero: a difference reads as its real size
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:  # nothing to label when no case completed
             ax.legend(fontsize=7)
@@ -77,6 +79,7 @@ def plot(rows: list[dict], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return fig
 
 
 def policy_notes(config: ModelConfig, policy: str, seq_lens: list[int], dtype: torch.dtype) -> list[str]:

@@ -84,6 +84,25 @@ def latest_checkpoint(root: str) -> str | None:
     return complete[-1][1] if complete else None
 
 
+def nearby_checkpoints(path: str, shown: int = 8) -> str:
+    """A sentence for an error about ``path`` (given as a checkpoint, but missing or not one): the checkpoints in
+    folder ``path`` itself (a run folder) or else in its parent (the run folder of a pruned ``step_<N>``), newest
+    first, the latest complete one named; "" when neither folder holds any."""
+    for root in (path, os.path.dirname(os.path.normpath(path)) or "."):
+        complete, incomplete = find_checkpoints(root)
+        if not complete and not incomplete:
+            continue
+        if not complete:
+            return (f" {root} holds no complete checkpoint, only unfinished ones (no {MARKER} marker): "
+                    f"{', '.join(incomplete)}.")
+        newest = [p for _, p in reversed(complete)]
+        listed = ", ".join(newest[:shown]) + (f" and {len(newest) - shown} older" if len(newest) > shown else "")
+        unfinished = f"; unfinished (no {MARKER}): {', '.join(incomplete)}" if incomplete else ""
+        return (f" Checkpoints in {root}, newest first: {listed}{unfinished}. The latest is {newest[0]} (older ones "
+                f"are pruned to checkpoint.keep as training goes on).")
+    return ""
+
+
 # ---- which files are ours ------------------------------------------------------------------------------------
 def foreign_files(path: str) -> list[str]:
     """The names in folder ``path`` that no checkpoint save writes (sorted); a save never deletes them."""

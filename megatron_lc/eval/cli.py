@@ -2,10 +2,14 @@
 domain, table + plot).
 
 Models: an HF folder (config.json + safetensors) or one of our checkpoint folders (``step_<N>/``), loaded by
-``megatron_lc.checkpoint.convert.load_model``. Tokenizer (``megatron_lc.data.tokenizer``): the
-demo's bytes (default), a sentencepiece .model or an HF tokenizer.json. Launched by torchrun, both run
-context-parallel over all ranks, so a context that does not fit one device is still evaluated: ``eval loss`` with ring attention, ``eval niah`` with a ring prefill and a KV cache sharded
-over the ranks (``megatron_lc.parallel.sharded_generate``).
+``megatron_lc.checkpoint.convert.load_model``. Tokenizer (``megatron_lc.data.tokenizer``): ``--tokenizer``, else
+the model's own (``convert.model_tokenizer``: the files beside an HF folder, the recorded tokenizer of a
+checkpoint's training dataset), else the byte tokenizer when the model's vocabulary is its 260 ids; otherwise a
+usage error (bytes would score a model of another vocabulary 0 without a word). The dashed "training length" is
+where the model trained (``convert.training_record``), else its max positions, labelled so. Launched by torchrun,
+both run context-parallel over all ranks, so a context that does not fit one device is still evaluated: ``eval loss``
+with ring attention, ``eval niah`` with a ring prefill and a KV cache sharded over the ranks
+(``megatron_lc.parallel.sharded_generate``). docs/eval.md has the whole story.
 """
 from __future__ import annotations
 
@@ -14,11 +18,7 @@ import json
 import os
 import time
 
-import torch
-
-from ..checkpoint.convert import load_model
 from ..configtools import ConfigError
-from ..distributed import destroy_process_group
 
 
 # ---- shared -----------------------------------------------------------------------------------------------------
@@ -36,17 +36,58 @@ def _float_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def _tokenizer(args, model):
-    from ..data.tokenizer import load_tokenizer
+def _tokenizer(args, model, path: str):
+    """(tokenizer, where it came from) for the model of folder ``path``: ``--tokenizer``, else the one recorded
+    with the model (``model_tokenizer``), else bytes when the model's vocabulary is the byte tokenizer's; else a
+    ConfigError naming --tokenizer."""
+    from ..data.tokenizer import BYTE_VOCAB_SIZE, load_tokenizer
 
     eos = model.config.extra.get("eos_token_id")
     if isinstance(eos, list):
         eos = eos[0] if eos else None
-    tok = load_tokenizer(args.tokenizer, eos)
-    if getattr(tok, "vocab_size", 0) > model.config.vocab_size:
-        raise ConfigError(f"--tokenizer has {tok.vocab_size} ids but the model's vocabulary has "
-                          f"{model.config.vocab_size}: pass the tokenizer the model was trained with")
-    return tok
+    vocab = model.config.vocab_size
+    from ..checkpoint.convert import model_tokenizer
+
+    spec, where = (args.tokenizer, "--tokenizer") if args.tokenizer is not None else model_tokenizer(path)
+    if spec is None:
+        if vocab != BYTE_VOCAB_SIZE:
+            raise ConfigError(f"--model {path}: no tokenizer found ({where}), and its vocabulary of {vocab} ids is "
+                              f"not the byte tokenizer's {BYTE_VOCAB_SIZE}: pass --tokenizer with the tokenizer it "
+                              f"was trained with (a sentencepiece .model, an HF tokenizer.json, or a folder holding "
+                              f"either; --tokenizer bytes if it was the byte tokenizer)")
+        spec, where = "bytes", f"the byte tokenizer, whose {BYTE_VOCAB_SIZE} ids the model has ({where})"
+    tok = load_tokenizer(spec, eos)
+    if tok.vocab_size > vocab:
+        raise ConfigError(f"the tokenizer from {where} has {tok.vocab_size} ids but the model's vocabulary has "
+                          f"{vocab}: pass --tokenizer with the tokenizer the model was trained with")
+    return tok, f"tokenizer {tok.name} ({tok.vocab_size:,} ids) from {where}"
+
+
+def _train_length(args, path: str, model) -> tuple[int, str]:
+    """(where the dashed line goes, its legend label): --train-length, else the length the model of folder ``path``
+    trained at (``training_record``), else its max_position_embeddings, labelled as such."""
+    if args.train_length:
+        return args.train_length, f"training length {args.train_length:,} (--train-length)"
+    from ..checkpoint.convert import training_record
+
+    record = training_record(path) or {}
+    if record.get("trained_seq_len"):
+        n = int(record["trained_seq_len"])
+        return n, f"training length {n:,}"
+    n = model.config.max_position_embeddings
+    return n, f"max positions {n:,} (training length not recorded)"
+
+
+def _model_names(paths: list[str]) -> list[str]:
+    """Distinct display names of ``--model`` folders: the folder name, with as many parent folders as it takes to
+    tell apart folders of the same name (runs/a/hf, runs/b/hf -> a/hf, b/hf)."""
+    parts = [os.path.abspath(p).split(os.sep) for p in paths]
+    if len({tuple(p) for p in parts}) < len(paths):
+        raise ConfigError(f"--model {paths}: the same folder is given twice; give each model once")
+    depth = 1
+    while len({tuple(p[-depth:]) for p in parts}) < len(paths):
+        depth += 1
+    return ["/".join(p[-depth:]) for p in parts]
 
 
 def _json_dict(text: str) -> dict | None:
@@ -78,15 +119,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, action="append",
                    help="HF folder or checkpoint folder step_<N>/ (eval loss: repeat to compare models)")
     p.add_argument("--tokenizer", default=None,
-                   help="sentencepiece .model, HF tokenizer.json, or a folder holding either; default: the demo's "
-                        "UTF-8 byte tokenizer")
+                   help="sentencepiece .model, HF tokenizer.json, a folder holding either, or 'bytes' (default: the "
+                        "model's own: the tokenizer files of an HF folder, the recorded tokenizer of a checkpoint's "
+                        "training dataset; else bytes if the model has the byte tokenizer's 260 ids)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                   help="compute dtype (default float32)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device (default: cuda if "
-                   "available, else cpu)")
+                   help="compute dtype (default: float32)")
+    p.add_argument("--device", default=None, help="device (default: cuda if available, else cpu)")
     p.add_argument("--train-length", type=int, default=None,
-                   help="where the dashed line goes (default: the model's max_position_embeddings)")
-    p.add_argument("--out", default="eval_out", help="output folder (default eval_out)")
+                   help="where the dashed line goes (default: the data.seq_len the model trained at, recorded in "
+                        "its checkpoint or the training.json of its HF folder; else max_position_embeddings)")
+    p.add_argument("--out", default="eval_out", help="output folder (default: eval_out)")
     p.add_argument("--rope-theta", type=float, default=None, help="override the model's RoPE base")
     p.add_argument("--rope-scaling", type=_json_dict, default=False, metavar="JSON",
                    help="override rope_scaling, e.g. '{\"rope_type\": \"yarn\", \"factor\": 4.0, "
@@ -99,8 +141,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def _context_parallel(args: argparse.Namespace, mode: str):
     """Under torchrun (WORLD_SIZE > 1) every rank is one CP rank of one sequence: returns (ContextParallel over all
     ranks, whether we opened the process group); one process: (None, False). Sets ``args.device`` per rank on CUDA."""
+    import torch
     import torch.distributed as dist
 
+    if args.device is None:  # resolved here, not as the flag's default: --help must not import torch
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None, False
     from ..distributed import init_process_group
@@ -152,9 +197,12 @@ def run_niah(args: argparse.Namespace) -> dict:
                         "--max-new-tokens": args.max_new_tokens}.items():
         if value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
+    from ..checkpoint.convert import load_model
+    from ..distributed import destroy_process_group
+
     cp, own_group = _context_parallel(args, "ring")
     model = load_model(args.model[0], args.dtype, args.device, position_overrides(args))
-    tok = _tokenizer(args, model)
+    tok, tok_note = _tokenizer(args, model, args.model[0])
     if cp is None:
         answer_fn = niah.model_answer_fn(model, tok, args.max_new_tokens)
     else:  # ring prefill, then decode over each rank's shard of the KV cache
@@ -165,7 +213,8 @@ def run_niah(args: argparse.Namespace) -> dict:
         answer_fn = niah.sharded_answer_fn(model, cp, tok, args.max_new_tokens)
     rank0 = cp is None or cp.mesh.get_rank() == 0
     log = (lambda line: print(line, flush=True)) if rank0 else (lambda line: None)
-    train_length = args.train_length or model.config.max_position_embeddings
+    log(tok_note)
+    train_length, train_label = _train_length(args, args.model[0], model)
     if args.lengths:
         lengths = args.lengths
     else:
@@ -180,17 +229,18 @@ def run_niah(args: argparse.Namespace) -> dict:
     results = niah.run_grid(answer_fn, tok, haystack, lengths, depths, variant=args.variant, scoring=args.scoring,
                             trials=args.trials, seed=args.seed, max_new_tokens=args.max_new_tokens,
                             question_reserve=args.question_reserve, progress=log)
-    results.update(model=args.model[0], train_length=train_length, cp=cp.size if cp else 1,
+    results.update(model=args.model[0], train_length=train_length, train_length_label=train_label,
+                   tokenizer=tok_note, cp=cp.size if cp else 1,
                    rope={"rope_theta": model.config.rope_theta, "rope_scaling": model.config.rope_scaling,
                          "dual_chunk_attention": model.config.dual_chunk_attention})
     if rank0:  # every rank holds the same results: one writes them
         os.makedirs(args.out, exist_ok=True)
         json_path, png_path = os.path.join(args.out, "niah.json"), os.path.join(args.out, "niah.png")
         niah.write_json(results, json_path)
-        niah.plot_heatmap(results, png_path, train_length)
+        niah.plot_heatmap(results, png_path, train_length, train_label=train_label)
         print(_niah_table(results))
-        print(f"mean score {results['overall']:.3f}; wrote {json_path} and {png_path} "
-              f"[{time.perf_counter() - t0:.1f} s]")
+        print(f"mean score {results['overall']:.3f} [{time.perf_counter() - t0:.1f} s]")
+        print(f"wrote {json_path} and {png_path}")
     destroy_process_group(own_group)
     return results
 
@@ -207,8 +257,9 @@ def _niah_table(results: dict) -> str:
 def add_loss_args(p: argparse.ArgumentParser) -> None:
     _add_common(p)
     p.add_argument("--data", action="append", default=None, metavar="DOMAIN=PATH",
-                   help="a domain's text file or .bin/.idx token dataset; repeat per domain (default: stdlib docstrings "
-                        "as 'docstrings' and stdlib source as 'code')")
+                   help="a domain's text file, or token dataset (its PREFIX as train's data.train_tokens, or its "
+                        ".bin/.idx file); repeat per domain (default: stdlib docstrings as 'docstrings' and stdlib "
+                        "source as 'code')")
     p.add_argument("--seq-len", type=int, default=None,
                    help="tokens per evaluated sequence (default: the model's max_position_embeddings)")
     p.add_argument("--bucket-size", type=int, default=None,
@@ -220,71 +271,95 @@ def add_loss_args(p: argparse.ArgumentParser) -> None:
                    help="context-parallel attention under torchrun (default ring)")
 
 
+def _domain_paths(args) -> dict[str, str]:
+    """{domain: path} of the --data flags (checked before any model is loaded)."""
+    out = {}
+    for item in args.data or ():
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--data {item!r}: use DOMAIN=PATH, e.g. --data book=pg19.txt or --data "
+                              f"code=work/tokens (a dataset prefix)")
+        if name in out:
+            raise ConfigError(f"--data {item!r}: domain {name!r} is given twice; name each domain once")
+        out[name] = path
+    return out
+
+
+def _needs_tokenizer(args) -> bool:
+    """Whether some domain is text to encode (token datasets are scored as they are)."""
+    from .niah import is_dataset
+
+    return not args.data or not all(is_dataset(p) for p in _domain_paths(args).values())
+
+
 def _domains(args, tok, vocab_size: int) -> dict[str, list[int]]:
+    """{domain: token ids} of --data (``tok`` None: every domain is a token dataset), or of the stdlib texts."""
     from .niah import load_haystack
 
     if not args.data:
         from ..data.stdlib_text import stdlib_code_text, stdlib_docstring_text
 
         return {"docstrings": tok.encode(stdlib_docstring_text()), "code": tok.encode(stdlib_code_text())}
-    out = {}
-    for item in args.data:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise ConfigError(f"--data {item!r}: use DOMAIN=PATH, e.g. --data book=pg19.txt")
-        if not os.path.isfile(path):
-            raise ConfigError(f"--data {item!r}: no such file {path}")
-        out[name] = load_haystack(path, tok, vocab_size)
-    return out
+    return {name: load_haystack(path, tok, vocab_size, flag="--data")
+            for name, path in _domain_paths(args).items()}
 
 
 def run_loss(args: argparse.Namespace) -> dict:
     import torch.distributed as dist
 
+    from ..checkpoint.convert import load_model
+    from ..distributed import destroy_process_group
     from . import loss_by_length as lbl
 
     for flag, value in {"--samples": args.samples, "--batch-size": args.batch_size,
                         "--chunk-tokens": args.chunk_tokens}.items():
         if value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
+    names = _model_names(args.model)
+    _domain_paths(args)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cp, own_group = _context_parallel(args, args.cp_mode)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     t0 = time.perf_counter()
-    results, edges, train_length, cached = {}, None, None, None
-    for path in args.model:
+    results, edges, train, cached = {}, None, None, None
+    for path, model_name in zip(args.model, names):
         model = load_model(path, args.dtype, args.device, position_overrides(args))
-        tok = _tokenizer(args, model)
+        tok = None
+        if _needs_tokenizer(args):
+            tok, tok_note = _tokenizer(args, model, path)
+            if rank0:
+                print(f"{path}: {tok_note}", flush=True)
         seq_len = args.seq_len or model.config.max_position_embeddings
         bucket = args.bucket_size or (4096 if seq_len >= 32768 else max(1, seq_len // 8))
         model_edges = lbl.bucket_edges(seq_len, bucket)
         if edges is not None and model_edges != edges:
             raise ConfigError(f"models differ in max_position_embeddings; pass --seq-len to compare {args.model}")
         edges = model_edges
-        train_length = train_length or args.train_length or model.config.max_position_embeddings
+        train = train or _train_length(args, path, model)  # the first model's
         if cp is not None:
             cp.apply(model)
-        # Every model is scored on the same tokens: encode the domains once (the tokenizer flag is shared).
-        if cached is None or cached[0] != model.config.vocab_size:
-            cached = (model.config.vocab_size, _domains(args, tok, model.config.vocab_size))
+        # Models sharing a tokenizer are scored on the same tokens: encode the domains once per tokenizer.
+        key = (model.config.vocab_size, None if tok is None else (type(tok).__name__, tok.name, tok.vocab_size))
+        if cached is None or cached[0] != key:
+            cached = (key, _domains(args, tok, model.config.vocab_size))
         domains = cached[1]
-        results[os.path.basename(os.path.normpath(path)) or path] = per_domain = {}
+        results[model_name] = per_domain = {}
         for name, tokens in domains.items():
             windows = lbl.windows_from_tokens(tokens, seq_len, args.samples, name)
             per_domain[name] = lbl.loss_by_position(model, windows, bucket, cp, args.batch_size, args.chunk_tokens)
             if rank0:
                 print(f"{path}: {name}: {args.samples} x {seq_len} tokens, loss {per_domain[name].average():.4f} "
                       f"[{time.perf_counter() - t0:.1f} s]", flush=True)
-    if len(results) < len(args.model):
-        raise ConfigError(f"two --model paths end in the same folder name: {args.model}; name them apart")
+    train_length, train_label = train
     out = lbl.results_to_json(results, edges)
-    out.update(seq_len=edges[-1], cp=world, train_length=train_length)
+    out.update(seq_len=edges[-1], cp=world, train_length=train_length, train_length_label=train_label,
+               model_paths=dict(zip(names, args.model)))
     if rank0:
         os.makedirs(args.out, exist_ok=True)
         json_path, png_path = os.path.join(args.out, "loss_by_length.json"), os.path.join(args.out, "loss_by_length.png")
         with open(json_path, "w") as f:
             json.dump(out, f, indent=1)
-        lbl.plot_loss(results, edges, png_path, train_length if train_length < edges[-1] else None)
+        lbl.plot_loss(results, edges, png_path, train_length if train_length < edges[-1] else None, train_label)
         print(lbl.format_table(results, edges))
         print(f"wrote {json_path} and {png_path}")
     out["table"] = lbl.format_table(results, edges)

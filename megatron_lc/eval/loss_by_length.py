@@ -172,9 +172,11 @@ def format_table(results: dict[str, dict[str, BucketLoss]], edges: Sequence[int]
 
 
 def plot_loss(results: dict[str, dict[str, BucketLoss]], edges: Sequence[int], path: str,
-              train_length: int | None = None) -> None:
-    """PNG of mean loss vs position (bucket centres), one line per (model, domain); dashed line at
-    ``train_length`` if given."""
+              train_length: int | None = None, train_label: str | None = None):
+    """PNG of mean loss vs position (bucket centres), one line per (model, domain): a colour per domain, a line
+    style per model, the legend ``model: domain`` (names as given: keep them distinct); a dashed line at
+    ``train_length`` if given, labelled ``train_label`` (default "training length N"). Returns the matplotlib
+    Figure (closed: saved, not shown)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -186,10 +188,12 @@ def plot_loss(results: dict[str, dict[str, BucketLoss]], edges: Sequence[int], p
     for i, (name, domains) in enumerate(results.items()):
         for j, (domain, bl) in enumerate(domains.items()):
             ys = [math.nan if v is None else v for v in bl.mean()]
-            ax.plot(centres, ys, styles[i % len(styles)], marker="o", markersize=3, color=f"C{j}",
-                    label=f"{name}: {domain}")
+            # One domain: the models differ by colour as well as by line style.
+            ax.plot(centres, ys, styles[i % len(styles)], marker="o", markersize=3,
+                    color=f"C{j}" if len(domains) > 1 else f"C{i}", label=f"{name}: {domain}")
     if train_length is not None:
-        ax.axvline(train_length, color="black", linestyle="--", linewidth=1, label=f"training length {train_length:,}")
+        ax.axvline(train_length, color="black", linestyle="--", linewidth=1,
+                   label=train_label or f"training length {train_length:,}")
     ax.set_xlabel("position (tokens)")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title("validation loss by position")
@@ -199,6 +203,7 @@ def plot_loss(results: dict[str, dict[str, BucketLoss]], edges: Sequence[int], p
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return fig
 
 
 def results_to_json(results: dict[str, dict[str, BucketLoss]], edges: Sequence[int]) -> dict:

@@ -112,22 +112,31 @@ def score(output: str, needle: Needle, scoring: str) -> float:
 
 
 # ---- haystack ---------------------------------------------------------------------------------------------------
-def load_haystack(path: str | None, tokenizer, vocab_size: int | None = None) -> list[int]:
-    """Haystack tokens: ``path`` None -> the stdlib docstrings; a ``.bin`` or ``.idx`` file of a Megatron indexed
-    dataset (``megatron_lc.data.indexed``) -> all its documents' ids in file order (the dtype comes from the
-    ``.idx``; ids must be below ``vocab_size``); any other file -> its UTF-8 text,
-    encoded."""
+def is_dataset(path: str) -> bool:
+    """Whether ``path`` names a token dataset rather than a text file: a ``.bin`` or ``.idx`` path, or a PREFIX
+    (as train's ``data.train_tokens``) that is no file itself but has PREFIX.bin and PREFIX.idx beside it."""
+    if path.endswith((".bin", ".idx")):
+        return True
+    return not os.path.isfile(path) and all(os.path.isfile(path + ext) for ext in (".bin", ".idx"))
+
+
+def load_haystack(path: str | None, tokenizer, vocab_size: int | None = None, flag: str = "--haystack") -> list[int]:
+    """Haystack tokens: ``path`` None -> the stdlib docstrings; a Megatron indexed dataset (``is_dataset``: its
+    PREFIX, ``.bin`` or ``.idx``; ``megatron_lc.data.indexed``) -> all its documents' ids in file order (the dtype
+    comes from the ``.idx``; ids must be below ``vocab_size``; ``tokenizer`` is not used); any other file -> its
+    UTF-8 text, encoded. A bad path is a ConfigError naming ``flag``."""
     if path is None:
         return tokenizer.encode(stdlib_docstring_text())
-    if not os.path.isfile(path):
-        raise ConfigError(f"--haystack {path}: no such file; give a text file, a dataset's .bin/.idx file, or leave "
-                          f"it out for the stdlib docstrings")
-    if path.endswith((".bin", ".idx")):
+    dataset = is_dataset(path)
+    if not os.path.isfile(path) and not dataset:
+        raise ConfigError(f"{flag} {path}: no such file, and no dataset {path}.bin + {path}.idx; give a text file or "
+                          f"a token dataset (its PREFIX, as train's data.train_tokens, or its .bin/.idx file)")
+    if dataset:
         from ..data.indexed import IndexedDataset
 
         ids = IndexedDataset(path).tokens
         if vocab_size is not None and ids.size and int(ids.max()) >= vocab_size:
-            raise ConfigError(f"--haystack {path}: token id {int(ids.max())} is outside the model's vocabulary of "
+            raise ConfigError(f"{flag} {path}: token id {int(ids.max())} is outside the model's vocabulary of "
                               f"{vocab_size}: was the dataset written with this model's tokenizer?")
         return ids.astype("int64").tolist()
     with open(path, encoding="utf-8", errors="replace") as f:
@@ -334,9 +343,11 @@ def _length_label(n: int) -> str:
     return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
 
 
-def plot_heatmap(results: dict, path: str, train_length: int | None = None, title: str | None = None) -> None:
+def plot_heatmap(results: dict, path: str, train_length: int | None = None, title: str | None = None,
+                 train_label: str | None = None):
     """Heatmap PNG of the mean score: depth (%) on y, context length on x, 0 red -> 1 green; a dashed vertical
-    line at ``train_length`` (between the last length <= it and the next)."""
+    line at ``train_length`` (between the last length <= it and the next), labelled ``train_label`` (default
+    "training length N"). Returns the matplotlib Figure (closed: saved, not shown)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -353,7 +364,8 @@ def plot_heatmap(results: dict, path: str, train_length: int | None = None, titl
     ax.set_ylabel("needle depth (%)")
     if train_length is not None:
         x = sum(n <= train_length for n in lengths) - 0.5
-        ax.axvline(x, color="black", linestyle="--", linewidth=1.5, label=f"training length {train_length:,}")
+        ax.axvline(x, color="black", linestyle="--", linewidth=1.5,
+                   label=train_label or f"training length {train_length:,}")
         ax.legend(loc="upper left", bbox_to_anchor=(0.0, -0.18), frameon=False, fontsize=8)
     overall = results.get("overall")
     ax.set_title(title or f"NIAH ({results['variant']}, {results['scoring']})"
@@ -363,3 +375,4 @@ def plot_heatmap(results: dict, path: str, train_length: int | None = None, titl
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return fig

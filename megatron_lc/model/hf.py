@@ -1,7 +1,9 @@
 """HF checkpoint folders in and out: config.json + model.safetensors (or sharded with model.safetensors.index.json).
 
 ``load_hf`` reads Qwen2 (and Llama: no q/k/v bias) folders written by transformers; ``save_hf`` writes folders that
-``transformers.AutoModelForCausalLM.from_pretrained`` loads as Qwen2ForCausalLM (LlamaForCausalLM without bias).
+``transformers.AutoModelForCausalLM.from_pretrained`` loads as Qwen2ForCausalLM (LlamaForCausalLM without bias),
+with the file modes any new file gets (safetensors itself writes 0600, which a server running as another user
+cannot read).
 """
 from __future__ import annotations
 
@@ -136,9 +138,17 @@ def load_hf(path: str, dtype: torch.dtype | str | None = None, device: torch.dev
     return model
 
 
+def _plain_mode() -> int:
+    """The mode ``open()`` gives a new file under this process's umask (0644 under the usual 022)."""
+    mask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def save_hf(model: Transformer, path: str, dtype: torch.dtype | None = None,
             max_shard_bytes: int = 5 * 2**30) -> None:
-    """Write ``model`` as an HF folder (config.json + safetensors, sharded above ``max_shard_bytes``)."""
+    """Write ``model`` as an HF folder (config.json + safetensors, sharded above ``max_shard_bytes``); every file
+    gets the umask's plain mode (``_plain_mode``), as the other files of the folder."""
     os.makedirs(path, exist_ok=True)
     for old in os.listdir(path):  # a previous save's shards would otherwise mix with this one's
         if old.startswith("model") and (old.endswith(".safetensors") or old.endswith(".safetensors.index.json")):
@@ -159,13 +169,16 @@ def save_hf(model: Transformer, path: str, dtype: torch.dtype | None = None,
         shards[-1][name] = t
         size += nbytes
     meta = {"format": "pt"}
+    mode = _plain_mode()
     if len(shards) == 1:
         save_file(shards[0], os.path.join(path, "model.safetensors"), metadata=meta)
+        os.chmod(os.path.join(path, "model.safetensors"), mode)
     else:
         weight_map = {}
         for i, shard in enumerate(shards):
             file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             save_file(shard, os.path.join(path, file), metadata=meta)
+            os.chmod(os.path.join(path, file), mode)
             weight_map.update({name: file for name in shard})
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
