@@ -47,6 +47,10 @@ COMMANDS: dict[str, Command] = {
     "eval": Command("evaluate a model: needle in a haystack over lengths x depths (eval niah) or loss by position "
                     "and domain (eval loss), with JSON, table and PNG", ".eval.cli:add_eval_args",
                     ".eval.cli:run_eval"),
+    "generate": Command("continue a prompt with a trained model or HF folder (sharded over the ranks under torchrun)",
+                        ".generate.cli:add_generate_args", ".generate.cli:run_generate"),
+    "chat": Command("talk with a model in the ChatML format, one message per line of stdin (/reset, /quit)",
+                    ".generate.cli:add_chat_args", ".generate.cli:run_chat"),
 }
 
 

@@ -21,7 +21,8 @@ print(json.dumps({"status": status, "heavy": heavy, "out": out.getvalue()}))
 """
 
 LIGHT = [["--help"], [], ["nosuch"], ["convert", "--help"], ["convert", "--from", "x"],
-         ["eval", "--help"], ["eval", "niah", "--help"], ["eval", "loss", "--help"]]
+         ["eval", "--help"], ["eval", "niah", "--help"], ["eval", "loss", "--help"], ["generate", "--help"],
+         ["chat", "--help"]]
 
 
 @pytest.mark.parametrize("argv", LIGHT, ids=[" ".join(a) or "no-args" for a in LIGHT])

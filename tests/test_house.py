@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-APPS = ("megatron_lc.demo", "megatron_lc.bench")  # leaves: only the command table imports them
+APPS = ("megatron_lc.demo", "megatron_lc.bench", "megatron_lc.generate")  # leaves: only the command table imports them
 # (importer prefix, imported prefix, why it is forbidden)
 FORBIDDEN = [
     ("megatron_lc.model", "megatron_lc.parallel", "the model knows nothing of parallelism"),

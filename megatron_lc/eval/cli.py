@@ -36,7 +36,7 @@ def _float_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def _tokenizer(args, model, path: str):
+def model_tokenizer_for(args, model, path: str):
     """(tokenizer, where it came from) for the model of folder ``path``: ``--tokenizer``, else the one recorded
     with the model (``model_tokenizer``), else bytes when the model's vocabulary is the byte tokenizer's; else a
     ConfigError naming --tokenizer."""
@@ -138,7 +138,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "(none: off)")
 
 
-def _context_parallel(args: argparse.Namespace, mode: str):
+def context_parallel_from_env(args: argparse.Namespace, mode: str):
     """Under torchrun (WORLD_SIZE > 1) every rank is one CP rank of one sequence: returns (ContextParallel over all
     ranks, whether we opened the process group); one process: (None, False). Sets ``args.device`` per rank on CUDA."""
     import torch
@@ -200,9 +200,9 @@ def run_niah(args: argparse.Namespace) -> dict:
     from ..checkpoint.convert import load_model
     from ..distributed import destroy_process_group
 
-    cp, own_group = _context_parallel(args, "ring")
+    cp, own_group = context_parallel_from_env(args, "ring")
     model = load_model(args.model[0], args.dtype, args.device, position_overrides(args))
-    tok, tok_note = _tokenizer(args, model, args.model[0])
+    tok, tok_note = model_tokenizer_for(args, model, args.model[0])
     if cp is None:
         answer_fn = niah.model_answer_fn(model, tok, args.max_new_tokens)
     else:  # ring prefill, then decode over each rank's shard of the KV cache
@@ -318,7 +318,7 @@ def run_loss(args: argparse.Namespace) -> dict:
     names = _model_names(args.model)
     _domain_paths(args)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cp, own_group = _context_parallel(args, args.cp_mode)
+    cp, own_group = context_parallel_from_env(args, args.cp_mode)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     t0 = time.perf_counter()
     results, edges, train, cached = {}, None, None, None
@@ -326,7 +326,7 @@ def run_loss(args: argparse.Namespace) -> dict:
         model = load_model(path, args.dtype, args.device, position_overrides(args))
         tok = None
         if _needs_tokenizer(args):
-            tok, tok_note = _tokenizer(args, model, path)
+            tok, tok_note = model_tokenizer_for(args, model, path)
             if rank0:
                 print(f"{path}: {tok_note}", flush=True)
         seq_len = args.seq_len or model.config.max_position_embeddings
