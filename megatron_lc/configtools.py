@@ -4,12 +4,17 @@ Dataclasses are the single source of truth; YAML files and ``key=value`` overrid
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
 import functools
+import inspect
+import io
 import json
 import math
 import os
+import textwrap
+import tokenize
 import types
 import typing
 from typing import Any, TypeVar
@@ -27,13 +32,24 @@ def field_names(cls) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
+def closest_key(key: str, valid: list[str]) -> str | None:
+    """The valid key a user most likely meant by ``key``: one ending in the same last part (``model.vocab_size``
+    -> ``model.config.vocab_size``) if any, else the most similar spelling; None when nothing is close."""
+    last = key.rpartition(".")[2]
+    same_end = [v for v in valid if v.rpartition(".")[2] == last]
+    if same_end:
+        return (difflib.get_close_matches(key, same_end, n=1, cutoff=0) or same_end)[0]
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return close[0] if close else None
+
+
 def check_keys(cls, data: dict, where: str) -> None:
     """Raise ConfigError for keys of ``data`` that ``cls`` lacks, naming the closest valid key."""
     valid = field_names(cls)
     for key in data:
         if key not in valid:
-            close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
-            hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(valid)}"
+            close = closest_key(str(key), valid)
+            hint = f"did you mean '{close}'?" if close else f"valid keys: {', '.join(valid)}"
             raise ConfigError(f"unknown key '{key}' in {where}: {hint}")
 
 
@@ -49,6 +65,33 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str | None = None) -> T
     if missing:
         raise ConfigError(f"{where}: missing {', '.join(missing)} (fields without a default: give each of them)")
     return cls(**data)
+
+
+@functools.cache
+def field_docs(cls) -> dict[str, str]:
+    """{field name: its one-line doc} of dataclass ``cls``, read from its source: the string literal under the
+    field (its docstring), else the comment at the end of its line; "" for a field with neither."""
+    source = textwrap.dedent(inspect.getsource(cls))
+    comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    body = ast.parse(source).body[0].body
+    docs = {}
+    for node, after in zip(body, [*body[1:], None]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            doc = ""
+            if (isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                    and isinstance(after.value.value, str)):
+                doc = after.value.value
+            doc = doc or comments.get(node.end_lineno, "")
+            docs[node.target.id] = " ".join(doc.split())  # one line, as --list-keys shows it
+    return {f.name: docs.get(f.name, "") for f in dataclasses.fields(cls)}
+
+
+def type_name(tp) -> str:
+    """A field annotation as a user reads it: int, str | None, tuple[float, float], dict."""
+    if isinstance(tp, type) and not typing.get_args(tp):
+        return tp.__name__
+    return str(tp).replace("typing.", "").replace("NoneType", "None")
 
 
 # ---- value types, read off the dataclass annotations ------------------------------------------------------------------
@@ -148,7 +191,7 @@ def _coerce(value: Any, tp, key: str) -> Any:
     raise _WrongType(key, _describe(tp), value)
 
 
-def _yaml_text(value: Any) -> str:
+def yaml_text(value: Any) -> str:
     """``value`` as one would write it after ``key=`` (true, null, [0.9, 0.95], cosine)."""
     return value if isinstance(value, str) and value else json.dumps(value)
 
@@ -169,7 +212,7 @@ def check_types(cls, data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             example = ""
             if default is not dataclasses.MISSING and default is not None and e.key == prefix + key:
-                example = f"; e.g. {e.key}={_yaml_text(default)} (the default)"
+                example = f"; e.g. {e.key}={yaml_text(default)} (the default)"
             raise ConfigError(f"{e.key} must be {e.expected}, got {e.value!r} ({type(e.value).__name__})"
                               f"{example}") from None
     return out

@@ -175,8 +175,8 @@ def test_plot_writes_png(corpus, tmp_path):
     import matplotlib.image as mpimg
 
     lengths, sources = corpus
-    path = plot_lengths(lengths, sources, plan_mixture(lengths, sources), tmp_path / "lengths.png",
-                        figsize=(10, 4), dpi=50)
+    path = tmp_path / "lengths.png"
+    plot_lengths(lengths, sources, plan_mixture(lengths, sources), path, figsize=(10, 4), dpi=50)
     img = mpimg.imread(path)
     assert img.shape[:2] == (200, 500)
     assert img[..., :3].std() > 0.05  # not a blank canvas
@@ -184,19 +184,19 @@ def test_plot_writes_png(corpus, tmp_path):
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"strategy": "books_only"}, "strategy"),
-    ({"long_share": 1.0}, "long_share"),
-    ({"long_share": -0.1}, "long_share"),
+    ({"long_share": 1.0}, "--long-share"),
+    ({"long_share": -0.1}, "--long-share"),
     ({"target_weights": {**SLIMPAJAMA, "code": 0.0}}, "code"),
     ({"target_weights": {k: v for k, v in SLIMPAJAMA.items() if k != "wiki"}}, "wiki"),
     ({"target_weights": {**SLIMPAJAMA, "cc": 0.5}}, "sum to"),
     ({"target_weights": {**SLIMPAJAMA, "cc": 0.695, "c4": -0.025}}, "c4"),
     ({"strategy": "upsample_domains", "upsample_domains": ("books", "pg19")}, "pg19"),
-    ({"strategy": "upsample_domains"}, "upsample_domains"),
-    ({"upsample_domains": ("books",)}, "upsample_domains"),
-    ({"strategy": "cut", "cut_length": 0}, "cut_length"),
-    ({"total_tokens": 0}, "total_tokens"),
-    ({"long_threshold": 0}, "long_threshold"),
-    ({"seed": -1}, "seed"),
+    ({"strategy": "upsample_domains"}, "--domains"),
+    ({"upsample_domains": ("books",)}, "--domains"),
+    ({"strategy": "cut", "cut_length": 0}, "--cut-length"),
+    ({"total_tokens": 0}, "--total-tokens"),
+    ({"long_threshold": 0}, "--long-threshold"),
+    ({"seed": -1}, "--seed"),
 ])
 def test_bad_config_raises(corpus, kwargs, match):
     lengths, sources = corpus
@@ -204,22 +204,26 @@ def test_bad_config_raises(corpus, kwargs, match):
         plan_mixture(lengths, sources, **kwargs)
 
 
-def test_impossible_targets_name_the_source():
-    # "notes" has no long documents: no long share can be reached inside it
+def test_sources_without_long_or_short_documents_keep_their_profile():
+    # "notes" has no long documents: it keeps its own (all-short) profile and its budget; the run goes on
     lengths, sources = make_corpus(domains={"cc": (3000, 768, 1.0), "notes": (500, 200, 0.3)})
-    with pytest.raises(ConfigError, match="'notes'.*no documents longer than"):
-        plan_mixture(lengths, sources)
-    plan = plan_mixture(lengths, sources, long_share=0.0)  # the fix the message offers works
-    assert mixture_stats(lengths, sources, plan)["total"]["long_tokens"] == 0
-    w = {"cc": 1.0, "notes": 0.0}
-    assert (plan_mixture(lengths, sources, target_weights=w).counts[sources == "notes"] == 0).all()
-    # "scrolls" has only long documents: it cannot be brought down to 70% unless downsample_long=False
-    lengths, sources = make_corpus(domains={"cc": (3000, 768, 1.0), "scrolls": (200, 50000, 0.2)})
-    with pytest.raises(ConfigError, match="'scrolls'.*downsample_long=False"):
-        plan_mixture(lengths, sources)
-    after = mixture_stats(lengths, sources, plan_mixture(lengths, sources, downsample_long=False))
-    assert after["sources"]["scrolls"]["long_share"] == 1.0
+    plan = plan_mixture(lengths, sources)
+    assert plan.own_profile == ("notes",) and plan.to_dict()["own_profile"] == ["notes"]
+    before, after = mixture_stats(lengths, sources), mixture_stats(lengths, sources, plan)
+    assert after["sources"]["notes"]["long_share"] == 0.0
+    assert abs(after["sources"]["notes"]["token_share"] - before["sources"]["notes"]["token_share"]) <= 0.01
     assert abs(after["sources"]["cc"]["long_share"] - 0.7) <= 0.03
+    w = {"cc": 1.0, "notes": 0.0}
+    dropped = plan_mixture(lengths, sources, target_weights=w)
+    assert (dropped.counts[sources == "notes"] == 0).all() and dropped.own_profile == ()
+    # "scrolls" has only long documents: it keeps its all-long profile (with or without --keep-long-sources)
+    lengths, sources = make_corpus(domains={"cc": (3000, 768, 1.0), "scrolls": (200, 50000, 0.2)})
+    for downsample in (True, False):
+        plan = plan_mixture(lengths, sources, downsample_long=downsample)
+        after = mixture_stats(lengths, sources, plan)
+        assert after["sources"]["scrolls"]["long_share"] == 1.0
+        assert abs(after["sources"]["cc"]["long_share"] - 0.7) <= 0.03
+    assert plan_mixture(lengths, sources).own_profile == ("scrolls",)
 
 
 @pytest.mark.parametrize("lengths,sources,match", [

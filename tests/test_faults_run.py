@@ -263,7 +263,7 @@ def test_overrides_after_the_resume_flag(corpus, tmp_path, capsys):
         cli.main(["train", f"data.train_tokens={corpus}", "--resume", "auto", f"checkpoint.dir={tmp_path}",
                   "train.stepz=5"])
     assert done.value.code == 2
-    assert "did you mean 'steps'" in capsys.readouterr().err
+    assert "did you mean train.steps" in capsys.readouterr().err
     parser, subparsers = cli.build_parser()
     args = cli.parse_args(parser, subparsers, ["train", "--config", "c.yaml", "a.b=1", "--resume", "auto", "c.d=2"])
     assert (args.command, args.config, args.resume, args.overrides) == ("train", "c.yaml", "auto", ["a.b=1", "c.d=2"])

@@ -312,7 +312,7 @@ def test_skipped_and_aborted_steps(corpus):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["optim.lrr=1"], "unknown key 'lrr' in config: optim: did you mean 'lr'"),
+    (["optim.lrr=1"], "unknown key 'optim.lrr' in the command-line override optim.lrr=1: did you mean optim.lr?"),
     (["parallel.tp=3"], "parallel.tp=3 does not divide model num_heads=4"),
     (["parallel.cp_mode=ulysses", "parallel.cp=8"], "its degree 8 x tp=1 must divide num_heads=4"),
     (["parallel.cp_mode=hybrid", "parallel.cp=4"], "hybrid needs parallel.cp_ulysses >= 2 dividing cp=4"),

@@ -17,6 +17,13 @@ Rule order (a removed document is charged to the first rule it fails, in this or
 ``empty`` check first because every ratio below needs at least one paragraph):
 ``empty, punctuation_ratio, ellipsis_paragraphs, no_end_punctuation, abnormal_word_length, repeated_sentences,
 short_paragraphs, repeated_ngrams``.
+
+Source kinds. The rules and the paragraph/sentence dedup are written for prose; on source code they judge lines
+such as ``)`` or ``import os`` as junk. ``SourceKinds`` says whether a document is ``code`` or ``prose``: by its
+source, when named (``--code-sources``, ``--prose-sources``, ``--source-types FILE.yaml``), else by the extension of
+its ``path`` field when it has one (``CODE_EXTENSIONS``, ``PROSE_EXTENSIONS``), else by its lines: code when at
+least ``CODE_LINE_SHARE`` of its non-blank lines look like code (``looks_like_code``). Code documents are checked
+by ``CleaningRules.code()`` (only the ``empty`` check by default) instead of the prose rules.
 """
 from __future__ import annotations
 
@@ -101,6 +108,109 @@ class CleaningRules:
             if int(n) < 1 or not 0.0 <= ratio <= 1.0:
                 raise ConfigError(f"CleaningRules.max_top_ngram_char_ratio[{n!r}]={ratio!r}: need n >= 1 and a "
                                   "ratio in [0, 1]")
+
+
+    @classmethod
+    def code(cls, overrides: dict | None = None) -> CleaningRules:
+        """Rules for source code: every prose rule off (only the ``empty`` check), then ``overrides`` (the keys of
+        a ``--code-rules`` YAML) on top."""
+        off = {f.name: None for f in dataclasses.fields(cls) if f.name.startswith(("max_", "min_mean"))}
+        return cls(**{**off, **(overrides or {})})
+
+
+# ----------------------------------------------------------------------------------------------- source kinds
+KINDS = ("code", "prose")
+CODE_EXTENSIONS = frozenset(
+    ".py .pyi .pyx .c .h .cc .cpp .cxx .hpp .hh .cu .cuh .m .mm .java .kt .scala .go .rs .js .jsx .mjs .ts .tsx .rb "
+    ".php .pl .pm .swift .cs .fs .hs .ml .lua .r .jl .sh .bash .zsh .ps1 .bat .sql .css .scss .el .clj .ex .exs .erl "
+    ".dart .zig .nim .v .sv .vhd .asm .s .f .f90 .cmake .mk .gradle .toml .ini .cfg .yaml .yml .json .xml".split())
+"""File extensions (lower case) whose documents are code."""
+PROSE_EXTENSIONS = frozenset(".txt .md .markdown .rst .tex .html .htm .org .adoc .text".split())
+"""File extensions (lower case) whose documents are prose (README.md is prose even inside a code source)."""
+CODE_LINE_SHARE = 0.5
+"""A document without a known extension is code when at least this share of its non-blank lines look like code."""
+_CODE_LINE_RE = re.compile(
+    r"""^\s*(?:from\s+[\w.]+\s+import\b|import\s+[\w.]+(?:\s+as\s+\w+)?(?:\s*,\s*[\w.]+)*\s*;?\s*$
+    |(?:def|class|elif|else|try|except|finally|with|if|for|while|switch|case|return|function|fn|func|struct|enum
+    |impl|public|private|protected|static|void|int|char|const|let|var|package|use|namespace)\b.*[:{;(]\s*$
+    |\#\s*(?:include|define|ifdef|ifndef|endif|pragma)\b|[#@]|//|/\*|\*/|[)\]}]|>>>\s|\.\.\.\s
+    |\w[\w.]*(?:\[[^\]]*\])?\s*[-+*/|&%]?=(?!=)|\w[\w.]*\()""", re.VERBOSE)
+_CODE_END_RE = re.compile(r"[{}();\[\]=\\]\s*$")
+
+
+def looks_like_code(line: str) -> bool:
+    """True for a line that reads as source code: an import, a keyword line ending in ``:`` ``{`` ``;`` or ``(``,
+    a comment, decorator, doctest prompt or closing bracket, an assignment or call (``x = 1``, ``f(x)``), a line
+    ending in a bracket, ``;``, ``=`` or ``\\``, or one indented by a tab or four spaces. Lines of wrapped prose
+    (ending in ``,`` or ``:``, starting with ``from`` or ``with``) are not code by themselves."""
+    return bool(line.startswith(("\t", "    ")) or _CODE_LINE_RE.match(line) or _CODE_END_RE.search(line))
+
+
+def code_line_share(text: str) -> float:
+    """Share of the non-blank lines of ``text`` that ``looks_like_code`` (0.0 for a text without any)."""
+    lines = [line for line in text.split("\n") if line.strip()]
+    return sum(map(looks_like_code, lines)) / len(lines) if lines else 0.0
+
+
+def guess_kind(text: str, path: str | None = None) -> str:
+    """``code`` or ``prose`` for one document: by the extension of ``path`` when it is known, else by
+    ``code_line_share(text) >= CODE_LINE_SHARE``."""
+    if isinstance(path, str):
+        ext = "." + path.rsplit(".", 1)[-1].lower() if "." in path.rsplit("/", 1)[-1] else ""
+        if ext in CODE_EXTENSIONS:
+            return "code"
+        if ext in PROSE_EXTENSIONS:
+            return "prose"
+    return "code" if code_line_share(text) >= CODE_LINE_SHARE else "prose"
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceKinds:
+    """Which documents are code and which prose: named sources first, else ``guess_kind`` per document."""
+
+    by_source: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Source name -> ``code`` or ``prose`` (from ``--code-sources``, ``--prose-sources``, ``--source-types``)."""
+    path_key: str = "path"
+    """Record field holding the document's file path, whose extension ``guess_kind`` reads (``--path-key``)."""
+
+    def __post_init__(self):
+        bad = {k: v for k, v in self.by_source.items() if v not in KINDS}
+        if bad:
+            raise ConfigError(f"source types {bad}: each source maps to one of {', '.join(KINDS)} "
+                              "(--source-types FILE.yaml)")
+
+    @classmethod
+    def from_flags(cls, code_sources: str = "", prose_sources: str = "", types_file: str | None = None,
+                   path_key: str = "path") -> SourceKinds:
+        """From the ``data clean`` flags: comma-separated source lists and a YAML mapping source -> code|prose.
+        A source given two different kinds is a ConfigError listing every such source."""
+        from megatron_lc.configtools import load_yaml
+
+        named: dict[str, set[str]] = {}
+        entries = [(n.strip(), "code", "--code-sources") for n in code_sources.split(",") if n.strip()]
+        entries += [(n.strip(), "prose", "--prose-sources") for n in prose_sources.split(",") if n.strip()]
+        if types_file:
+            data = load_yaml(types_file) or {}
+            bad = {str(k): v for k, v in data.items() if v not in KINDS}
+            if bad:
+                raise ConfigError(f"--source-types {types_file}: {bad}: each source must map to code or prose")
+            entries += [(str(k), v, f"--source-types {types_file}") for k, v in data.items()]
+        where: dict[str, list[str]] = {}
+        for name, kind, flag in entries:
+            named.setdefault(name, set()).add(kind)
+            where.setdefault(name, []).append(f"{kind} by {flag}")
+        clash = {n: where[n] for n, kinds in named.items() if len(kinds) > 1}
+        if clash:
+            raise ConfigError("source(s) given both kinds: " + "; ".join(f"{n} ({', '.join(w)})" for n, w in
+                                                                         clash.items()) + "; name each source once")
+        return cls({n: kinds.pop() for n, kinds in named.items()}, path_key)
+
+    def kind(self, source: str, text: str, extra: dict | None = None) -> str:
+        """``code`` or ``prose`` for one document of ``source`` (``extra``: its other record fields)."""
+        named = self.by_source.get(source)
+        if named is not None:
+            return named
+        return guess_kind(text, (extra or {}).get(self.path_key))
 
 
 # ----------------------------------------------------------------------------------------------- text helpers

@@ -4,12 +4,12 @@ A typical run::
 
     megatron-lc data clean raw/ --out work/clean
     megatron-lc data train-tokenizer work/clean/deduped.jsonl --vocab-size 32000 --out work/tok
-    megatron-lc data tokenize work/clean/deduped.jsonl --tokenizer work/tok.model --out work/tokens
+    megatron-lc data tokenize work/clean/deduped.jsonl --tokenizer work/tok.model --out work/tokens --val-fraction 0.05
     megatron-lc data mix work/tokens --strategy per_source_upsample --long-share 0.7 --out work/mixed
 
-and ``data.train_tokens: work/mixed`` in the training config. A stage whose input could not be read to its end
-(a truncated .jsonl.gz) writes what it read, prints an ``INPUT LOST`` line last and exits with status 65
-(``documents.INPUT_LOST_STATUS``) unless ``--allow-partial-input`` is given.
+and ``data.train_tokens: work/mixed``, ``data.val_tokens: work/tokens_val`` in the training config. A stage whose
+input could not be read to its end (a truncated .jsonl.gz) writes what it read, prints an ``INPUT LOST`` line last
+and exits with status 65 (``documents.INPUT_LOST_STATUS``) unless ``--allow-partial-input`` is given.
 """
 from __future__ import annotations
 
@@ -64,7 +64,8 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--seed", type=int, default=0)
 
     c = sub.add_parser("clean", help="360Zhinao cleaning rules, then exact, MinHash-LSH, paragraph (30%%) and "
-                                     "sentence (sqrt N) dedup; writes OUT/deduped.jsonl and OUT/clean_report.json")
+                                     "sentence (sqrt N) dedup (prose only: code keeps its lines); writes "
+                                     "OUT/deduped.jsonl and OUT/clean_report.json with a per-source breakdown")
     _input_args(c)
     c.add_argument("--out", required=True, help="output folder")
     c.add_argument("--rules", default=None, help="YAML file overriding CleaningRules thresholds (megatron_lc/data/"
@@ -74,6 +75,21 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                    help="fraction of each identical-paragraph group deleted (default 0.3)")
     c.add_argument("--no-near", action="store_true", help="skip near-duplicate document dedup")
     c.add_argument("--no-sentence", action="store_true", help="skip sentence dedup")
+    c.add_argument("--no-paragraph", action="store_true", help="skip paragraph dedup (for every source)")
+    c.add_argument("--code-sources", default="", metavar="A,B",
+                   help="sources whose documents are code: no paragraph/sentence dedup, --code-rules instead of the "
+                        "prose rules (default: guessed per document from its --path-key extension, else its lines)")
+    c.add_argument("--prose-sources", default="", metavar="C,D",
+                   help="sources whose documents are prose (paragraph and sentence dedup, the 360Zhinao rules)")
+    c.add_argument("--source-types", default=None, metavar="FILE.yaml",
+                   help="YAML mapping source -> code or prose (with --code-sources/--prose-sources; a source given "
+                        "both kinds is an error)")
+    c.add_argument("--path-key", default="path",
+                   help="record field with the document's file path, whose extension tells code from prose when "
+                        "the source is not named (default path)")
+    c.add_argument("--code-rules", default=None, metavar="FILE.yaml",
+                   help="CleaningRules thresholds for code documents (default: every prose rule off, only empty "
+                        "documents are removed)")
     c.add_argument("--seed", type=int, default=0)
 
     k = sub.add_parser("tokenize", help="tokenize into a Megatron .bin/.idx dataset (EOS after each document, "
@@ -82,6 +98,10 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     k.add_argument("--tokenizer", required=True, help="sentencepiece .model, HF tokenizer.json (or folder), or bytes")
     k.add_argument("--eos-token-id", type=int, default=None, help="EOS id when the tokenizer does not define one")
     k.add_argument("--out", required=True, help="output prefix: writes PREFIX.bin, PREFIX.idx and sidecars")
+    k.add_argument("--val-fraction", type=float, default=None,
+                   help="hold out this fraction of the documents (by document, seeded by --seed; strictly between "
+                        "0 and 1) as a validation dataset at PREFIX_val, for data.val_tokens (default: no split)")
+    k.add_argument("--seed", type=int, default=0, help="seed of the --val-fraction split (default 0)")
 
     m = sub.add_parser("mix", help="apply a mixture strategy to a tokenized dataset: per-source length upsampling "
                                    "(default), global, chosen domains, cut, original; report table, JSON and PNG")
@@ -112,9 +132,23 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     b.add_argument("--tokenizer", required=True)
     b.add_argument("--eos-token-id", type=int, default=None)
     b.add_argument("--out", required=True, help="output prefix of the dataset it writes")
+    for stage_parser in (t, c, k, m, v, b):
+        stage_parser.set_defaults(stage_parser=stage_parser)  # errors print this stage's usage line
 
 
 def run_data(args: argparse.Namespace):
+    """Run the stage ``args.stage``; a bad value (ConfigError) exits 2 with the stage's own usage line
+    (``megatron-lc data mix``), not the one of ``megatron-lc data``."""
+    try:
+        return _run_stage(args)
+    except ConfigError as e:
+        parser = getattr(args, "stage_parser", None)
+        if parser is None:
+            raise
+        parser.error(str(e))
+
+
+def _run_stage(args: argparse.Namespace):
     from . import pipeline
 
     if args.stage == "train-tokenizer":
@@ -131,23 +165,34 @@ def run_data(args: argparse.Namespace):
         print(f"wrote {path}")
         return _input_status(read.as_dict(), args)
     if args.stage == "clean":
-        from ..configtools import from_dict, load_yaml
-        from .clean import CleaningRules
+        from ..configtools import check_keys, from_dict, load_yaml
+        from .clean import CleaningRules, SourceKinds
         from .dedup import DedupConfig
 
         rules = from_dict(CleaningRules, load_yaml(args.rules) or {}, f"--rules {args.rules}") if args.rules else None
-        report = pipeline.clean_corpus(
-            args.inputs, args.out, rules=rules, dedup=DedupConfig(near=not args.no_near, near_threshold=args.near_threshold,
-                                                     paragraph_fraction=args.paragraph_fraction,
-                                                     sentence=not args.no_sentence, seed=args.seed),
-            workers=args.workers, text_key=args.text_key, source_key=args.source_key, on_error=args.on_error)
+        code_rules = None
+        if args.code_rules:
+            overrides = load_yaml(args.code_rules) or {}
+            check_keys(CleaningRules, overrides, f"--code-rules {args.code_rules}")
+            code_rules = CleaningRules.code(overrides)
+        kinds = SourceKinds.from_flags(args.code_sources, args.prose_sources, args.source_types, args.path_key)
+        dedup = DedupConfig(near=not args.no_near, near_threshold=args.near_threshold,
+                            paragraph_fraction=None if args.no_paragraph else args.paragraph_fraction,
+                            sentence=not args.no_sentence, seed=args.seed)
+        report = pipeline.clean_corpus(args.inputs, args.out, rules=rules, dedup=dedup, workers=args.workers,
+                                       text_key=args.text_key, source_key=args.source_key, on_error=args.on_error,
+                                       kinds=kinds, code_rules=code_rules)
         _print_clean(report)
         return _input_status(report["read"], args)
     if args.stage == "tokenize":
+        pipeline.check_val_fraction(args.val_fraction)  # before the tokenizer loads
         report = pipeline.tokenize_corpus(args.inputs, args.tokenizer, args.out, args.workers, args.eos_token_id,
-                                          args.text_key, args.source_key, args.on_error)
+                                          args.text_key, args.source_key, args.on_error,
+                                          val_fraction=args.val_fraction, seed=args.seed)
         print(f"{report['documents']:,} documents, {report['tokens']:,} tokens, {report['bytes'] / 1e6:,.1f} MB in "
               f"{report['seconds']:.1f} s ({report['mb_per_s']:.2f} MB/s, {args.workers} workers) -> {args.out}")
+        for name, part in report.get("splits", {}).items():
+            print(f"  {name}: {part['prefix']} ({part['documents']:,} documents, {part['tokens']:,} tokens)")
         _print_read(report["read"])
         return _input_status(report["read"], args)
     if args.stage == "mix":
@@ -158,6 +203,7 @@ def run_data(args: argparse.Namespace):
                                       cut_length=args.cut_length, downsample_long=not args.keep_long_sources,
                                       seed=args.seed)
         print(report["table"])
+        _print_own_profile(report, args)
         print(f"wrote {report['output']} and the report beside it ({report['png']})")
         return report
     if args.stage == "verify":
@@ -178,6 +224,19 @@ def run_data(args: argparse.Namespace):
               f"{result['pipeline_mb_per_s']:.2f} MB/s ({100 * result['ratio']:.0f}%) on {args.workers} workers")
         return _input_status(result["read"], args)
     raise ConfigError(f"unknown data stage {args.stage!r}")
+
+
+def _print_own_profile(report: dict, args: argparse.Namespace) -> None:
+    """One line per source that kept its own length profile under per_source_upsample, with its long share."""
+    own = report["own_profile"]
+    if not own:
+        return
+    print(f"{len(own)} source(s) kept their own length profile and token share (--long-share {args.long_share} "
+          f"cannot apply inside them); the corpus' long share is "
+          f"{100 * report['after']['total']['long_share']:.1f}%:")
+    for name, share in own.items():
+        why = "no document" if share == 0 else "only documents"
+        print(f"  {name}: long share {100 * share:.1f}% ({why} above --long-threshold {args.long_threshold} tokens)")
 
 
 def _input_status(read: dict, args: argparse.Namespace) -> int:
@@ -201,4 +260,23 @@ def _print_clean(report: dict) -> None:
     cleaning, dedup = report["cleaning"], report["dedup"]
     print("cleaning: " + json.dumps(cleaning))
     print("dedup: " + json.dumps(dedup))
+    _print_per_source(report["per_source"])
+    for name in report["source_types_unused"]:
+        print(f"note: source {name!r} is named by --code-sources/--prose-sources/--source-types but no document "
+              "has it (check the spelling against the table above)")
     print(f"wrote {report['written']:,} documents to {report['output']}")
+
+
+def _print_per_source(rows: dict) -> None:
+    """The per-source breakdown of a clean report: documents in (code/prose), removed per rule or stage, changed by
+    paragraph/sentence dedup, out."""
+    head = ("source", "in", "code", "prose", "removed", "changed", "out")
+    table = [head]
+    for name, r in rows.items():
+        removed = ", ".join(f"{k} {v}" for k, v in sorted(r["removed"].items())) or "-"
+        changed = ", ".join(f"{k} {v}" for k, v in r["changed"].items() if v) or "-"
+        table.append((name, str(r["documents_in"]), str(r["code"]), str(r["prose"]), removed, changed,
+                      str(r["documents_out"])))
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    for row in table:
+        print("  " + " | ".join(c.ljust(w) for c, w in zip(row, widths)))

@@ -364,6 +364,9 @@ class DedupConfig:
     """Run sentence dedup (ceil(sqrt(N)) of N copies kept)."""
     sentence_min_tokens: int = 16
     """Sentences are concatenated into units of at least this many tokens (360Zhinao: 16)."""
+    group_kinds: tuple[str, ...] = ("prose",)
+    """Document kinds (``clean.SourceKinds``) that paragraph and sentence dedup read and rewrite in
+    ``pipeline.clean_corpus``; code is left out because its repeated lines (``)``, ``import os``) are syntax."""
     seed: int = 0
     """Seed of which paragraph/sentence copies are deleted; MinHash uses seed + 1 (datasketch's default 1 at 0)."""
 

@@ -1,9 +1,11 @@
 """Documents in: JSONL / JSONL.gz (and Parquet when pyarrow is installed), streamed, with every bad line reported.
 
 A corpus is one or more files; each record is a JSON object with a text field and a source (domain) field, names
-configurable (``text_key``, ``source_key``). A record without the source field takes ``default_source`` if given,
-else its file's name without extensions (``books.jsonl.gz`` -> ``books``), so a corpus laid out one file per source
-needs no source field; the report counts how many records got their source that way.
+configurable (``text_key``, ``source_key``); every other field of a record (``path``, ``url``, ...) travels with
+the document as ``Document.extra`` and the cleaning stages write it back out. A record without the source field
+takes ``default_source`` if given, else its file's name without extensions (``books.jsonl.gz`` -> ``books``), so a
+corpus laid out one file per source needs no source field; the report counts how many records got their source
+that way.
 
 Nothing is dropped silently: every line is one of ``documents``, ``blank`` or ``corrupt`` in ``ReadReport`` and the
 three add up to ``lines``. A corrupt line (bad JSON, not an object, no text field, text not a string, bad UTF-8, a
@@ -33,11 +35,13 @@ usage errors (2), so a script can tell "finished on partial input" from "finishe
 
 @dataclass(frozen=True)
 class Document:
-    """One input document: its ``text``, ``source`` (domain name) and where it came from (``file:line``)."""
+    """One input document: its ``text``, ``source`` (domain name), where it came from (``file:line``) and the
+    record's other fields (``extra``, e.g. ``{"path": "lib/os.py"}``), kept so every stage can write them out."""
 
     text: str
     source: str
     where: str
+    extra: dict = field(default_factory=dict, compare=False)
 
 
 @dataclass
@@ -158,9 +162,10 @@ def parse_line(raw: bytes, where: str, text_key: str, source_key: str, fallback_
     if not isinstance(text, str):
         return None, f"'{text_key}' is a {type(text).__name__}, not a string", False
     source = record.get(source_key)
+    extra = {k: v for k, v in record.items() if k not in (text_key, source_key)}
     if source is None:
-        return Document(text, fallback_source, where), None, True
-    return Document(text, str(source), where), None, False
+        return Document(text, fallback_source, where, extra), None, True
+    return Document(text, str(source), where, extra), None, False
 
 
 def iter_documents(paths: Iterable[str], text_key: str = "text", source_key: str = "source",
@@ -219,12 +224,12 @@ def _parquet_documents(path, text_key, source_key, fallback, on_error, report) -
     if text_key not in table.schema_arrow.names:
         raise ConfigError(f"{path}: no '{text_key}' column (columns: {', '.join(table.schema_arrow.names)}); set "
                           f"--text-key")
-    columns = [text_key] + ([source_key] if source_key in table.schema_arrow.names else [])
+    others = [c for c in table.schema_arrow.names if c not in (text_key, source_key)]
     row = 0
-    for batch in table.iter_batches(columns=columns, batch_size=4096):
+    for batch in table.iter_batches(batch_size=4096):  # every column: the others travel as Document.extra
         data = batch.to_pydict()
         sources = data.get(source_key, [None] * batch.num_rows)
-        for text, source in zip(data[text_key], sources):
+        for j, (text, source) in enumerate(zip(data[text_key], sources)):
             row += 1
             report.lines += 1
             where = f"{path}:{row}"
@@ -234,4 +239,5 @@ def _parquet_documents(path, text_key, source_key, fallback, on_error, report) -
             report.bytes_read += len(text.encode("utf-8", "surrogatepass"))
             report.documents += 1
             report.source_from_file += source is None
-            yield Document(text, fallback if source is None else str(source), where)
+            extra = {c: data[c][j] for c in others}
+            yield Document(text, fallback if source is None else str(source), where, extra)

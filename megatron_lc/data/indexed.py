@@ -13,7 +13,7 @@ and we read its files):
 We write one document = one sequence (megatron's preprocess_data with ``--append-eod``: the caller appends EOS).
 What megatron's format has no place for lives in sidecars megatron ignores: ``PREFIX.sources.npy`` (uint16 [seq],
 the source id of each sequence) and ``PREFIX.meta.json`` (source names, free metadata such as the tokenizer and eos
-id, the token id range, and a fingerprint of the ``.bin`` and of the ``.idx``).
+id, the token id range, the vocabulary size the writer was given, and a fingerprint of the ``.bin`` and of the ``.idx``).
 
 Fingerprints (``file_fingerprint``: the size and a sha256 of a few fixed chunks, so checking a TB file reads a few
 MB) are checked at every open: a ``.bin`` or ``.idx`` that is not the one written with the sidecar is named, before
@@ -212,7 +212,7 @@ class IndexedDatasetWriter:
         lo, hi = self._id_range or (None, None)
         side = {"num_sequences": int(lengths.size), "num_tokens": int(lengths.sum()),
                 "source_names": list(self._source_names) if self._with_sources else None, "meta": meta or {},
-                "min_token_id": lo, "max_token_id": hi,
+                "min_token_id": lo, "max_token_id": hi, "vocab_size": self.vocab_size,
                 "files": {"bin": file_fingerprint(self._tmp["bin"]), "idx": file_fingerprint(self._tmp["idx"])}}
         with open(self._tmp["meta"], "w") as f:
             json.dump(side, f, indent=1)
@@ -254,7 +254,8 @@ class IndexedDataset:
 
     ``len()`` is the number of sequences; ``sequence_lengths`` int32 [seq], ``sequence_pointers`` int64 [seq] (byte
     offsets), ``document_indices`` int64 [documents + 1]; ``sources`` uint16 [seq] or None without the sidecar,
-    ``source_names``, ``meta`` (the sidecar's free metadata, {} without one); ``verified``: the .bin and .idx match
+    ``source_names``, ``meta`` (the sidecar's free metadata, {} without one), ``vocab_size`` (the vocabulary the
+    data was written for: the writer's ``vocab_size`` or the meta's, None when not recorded); ``verified``: the .bin and .idx match
     the fingerprints written with them. Bad files raise ConfigError naming the file and what was expected. ``log``
     receives the one-line notes (unverified dataset, token range scans); default: stderr.
     """
@@ -358,7 +359,7 @@ class IndexedDataset:
         return True
 
     def _read_sidecars(self, side: dict | None) -> None:
-        self.sources, self.source_names, self.meta = None, None, {}
+        self.sources, self.source_names, self.meta, self.vocab_size = None, None, {}, None
         if side is None:
             return
         if side.get("num_sequences") != len(self) or side.get("num_tokens") != self.num_tokens:
@@ -366,6 +367,8 @@ class IndexedDataset:
                               f"{side.get('num_tokens')} tokens but the dataset has {len(self)} / {self.num_tokens}: "
                               f"a stale sidecar; delete it or rewrite the dataset")
         self.meta = side.get("meta") or {}
+        vocab = side.get("vocab_size") or self.meta.get("vocab_size")  # the writer's, else a tokenizer's record
+        self.vocab_size = int(vocab) if isinstance(vocab, int) and not isinstance(vocab, bool) else None
         self.source_names = side.get("source_names")
         if self.source_names is not None:
             self.sources = np.load(self.paths["sources"], mmap_mode="r")

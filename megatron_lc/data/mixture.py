@@ -31,6 +31,14 @@ A source whose natural long share is already above ``long_share`` (books) is bro
 source ends with the same length profile (its short documents may then be repeated); ``downsample_long=False``
 keeps such a source's natural profile instead (upsampling then only ever raises long shares).
 
+A source that cannot take the target profile at all under per_source_upsample, because it has no document above
+``long_threshold`` (most sources of a code or notes corpus) or only such documents, keeps its own length profile
+and its token budget; the plan lists it in ``own_profile`` and the run goes on (the corpus' long share then ends
+below the target, as the report shows).
+
+Errors name the ``megatron-lc data mix`` flags (``--long-share``, ``--long-threshold``, ``--weights``, ...) that
+set each parameter, and list every offending source at once.
+
 A document is "long" when it has more than ``long_threshold`` tokens (the paper's "longer than 4K").
 """
 from __future__ import annotations
@@ -61,6 +69,7 @@ class MixturePlan:
     total_tokens: int  # token target the plan was built for (cutting keeps tokens)
     upsample_domains: tuple[str, ...]
     seed: int
+    own_profile: tuple[str, ...] = ()  # per_source: sources that kept their own profile (no long or no short docs)
 
     def document_indices(self, shuffle: bool = True) -> np.ndarray:
         """int64 [counts.sum()]: document ids in emission order, each repeated ``counts[i]`` times.
@@ -84,6 +93,7 @@ class MixturePlan:
             "total_tokens": self.total_tokens,
             "upsample_domains": list(self.upsample_domains),
             "seed": self.seed,
+            "own_profile": list(self.own_profile),
             "documents_emitted": int(self.counts.sum()),
             "documents_dropped": int((self.counts == 0).sum()),
             "max_repeat": int(self.counts.max()) if self.counts.size else 0,
@@ -113,9 +123,15 @@ def _check_corpus(lengths, sources) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return lengths, names, ids.astype(np.int64).reshape(-1)
 
 
+FLAGS = {"strategy": "--strategy", "long_threshold": "--long-threshold", "long_share": "--long-share",
+         "target_weights": "--weights", "total_tokens": "--total-tokens", "upsample_domains": "--domains",
+         "cut_length": "--cut-length", "seed": "--seed", "downsample_long": "--keep-long-sources"}
+"""The ``megatron-lc data mix`` flag of each plan_mixture parameter: errors name the flag a user types."""
+
+
 def _check_int(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ConfigError(f"{name} = {value!r} must be an integer >= {minimum}")
+        raise ConfigError(f"{FLAGS[name]} {value!r}: must be an integer >= {minimum}")
     return int(value)
 
 
@@ -126,22 +142,23 @@ def _resolve_weights(target_weights, names: np.ndarray, natural: np.ndarray) -> 
     known = {str(n): i for i, n in enumerate(names)}
     unknown = [k for k in target_weights if k not in known]
     if unknown:
-        raise ConfigError(f"target_weights names source(s) {unknown} that the corpus lacks; sources are "
-                          f"{sorted(known)}")
+        raise ConfigError(f"--weights names source(s) {unknown} that the corpus lacks; sources are {sorted(known)}")
     missing = [n for n in known if n not in target_weights]
     if missing:
-        raise ConfigError(f"target_weights misses source(s) {missing}; give every source a weight (0 drops it)")
+        raise ConfigError(f"--weights misses source(s) {missing}; give every source a weight (0 drops it)")
+    bad = [f"{k}={v!r}" for k, v in target_weights.items()
+           if not isinstance(v, (int, float, np.number)) or not math.isfinite(v) or v < 0]
+    if bad:
+        raise ConfigError(f"--weights {', '.join(bad)}: every weight must be a finite number >= 0")
     w = np.zeros(len(names))
     for k, v in target_weights.items():
-        if not isinstance(v, (int, float, np.number)) or not math.isfinite(v) or v < 0:
-            raise ConfigError(f"target_weights['{k}'] = {v!r} must be a finite number >= 0")
         w[known[k]] = float(v)
     if abs(w.sum() - 1.0) > _WEIGHT_SUM_TOL:
-        raise ConfigError(f"target_weights sum to {w.sum():.4f}; they must sum to 1 (within {_WEIGHT_SUM_TOL})")
-    for i, n in enumerate(names):
-        if w[i] > 0 and natural[i] == 0:
-            raise ConfigError(f"source '{n}' has weight {w[i]} but no tokens (all documents empty); give it "
-                              "weight 0")
+        raise ConfigError(f"--weights sum to {w.sum():.4f}; they must sum to 1 (within {_WEIGHT_SUM_TOL})")
+    empty = [str(n) for i, n in enumerate(names) if w[i] > 0 and natural[i] == 0]
+    if empty:
+        raise ConfigError(f"source(s) {empty} have a weight in --weights but no tokens (all documents empty); give "
+                          "them weight 0")
     return w / w.sum()
 
 
@@ -217,11 +234,11 @@ def plan_mixture(
     """
     lengths, names, ids = _check_corpus(lengths, sources)
     if strategy not in STRATEGIES:
-        raise ConfigError(f"strategy = {strategy!r} is unknown; choose one of {', '.join(STRATEGIES)}")
+        raise ConfigError(f"--strategy {strategy!r} is unknown; choose one of {', '.join(STRATEGIES)}")
     long_threshold = _check_int("long_threshold", long_threshold, 1)
     if not isinstance(long_share, (int, float, np.floating)) or not 0.0 <= float(long_share) < 1.0:
-        raise ConfigError(f"long_share = {long_share!r} must be in [0, 1): the share of tokens from documents "
-                          f"longer than long_threshold ({long_threshold})")
+        raise ConfigError(f"--long-share {long_share!r}: must be in [0, 1), the share of tokens from documents "
+                          f"longer than --long-threshold ({long_threshold})")
     long_share = float(long_share)
     seed = _check_int("seed", seed, 0)
     natural_total = int(lengths.sum())
@@ -235,14 +252,14 @@ def plan_mixture(
         cut_length = _check_int("cut_length", cut_length, 1)
     domains = tuple(str(d) for d in ([upsample_domains] if isinstance(upsample_domains, str) else upsample_domains))
     if domains and strategy != "upsample_domains":
-        raise ConfigError(f"upsample_domains = {list(domains)} is only used by strategy 'upsample_domains' "
-                          f"(strategy is {strategy!r}); drop it or change the strategy")
+        raise ConfigError(f"--domains {','.join(domains)} is only used by --strategy upsample_domains (strategy is "
+                          f"{strategy!r}); drop --domains or change the strategy")
     if strategy == "upsample_domains":
         if not domains:
-            raise ConfigError("strategy 'upsample_domains' needs upsample_domains, e.g. ('books', 'arxiv')")
+            raise ConfigError("--strategy upsample_domains needs --domains, e.g. --domains books,arxiv")
         unknown = [d for d in domains if d not in set(names.tolist())]
         if unknown:
-            raise ConfigError(f"upsample_domains names source(s) {unknown} that the corpus lacks; sources are "
+            raise ConfigError(f"--domains names source(s) {unknown} that the corpus lacks; sources are "
                               f"{names.tolist()}")
 
     S = len(names)
@@ -256,8 +273,10 @@ def plan_mixture(
         scale = np.where(src_natural > 0, weights * natural_total / src_natural, 0.0)
     base = natural * scale[:, None]  # float64 [S, 2] tokens
 
+    own = _own_profile(natural, weights, long_share, downsample_long) if strategy == "per_source_upsample" else \
+        np.zeros(S, dtype=bool)
     targets = _group_targets(strategy, base, natural, names, weights, total_tokens, long_share, long_threshold,
-                             domains, downsample_long, own_total)  # float64 [S, 2], or None for "keep every doc once"
+                             domains, downsample_long, own_total, own)  # float64 [S, 2], or None: keep every doc once
     if targets is None:
         counts = np.ones(lengths.size, dtype=np.int64)
     else:
@@ -266,11 +285,23 @@ def plan_mixture(
         total_tokens = round(float(targets.sum()))
     return MixturePlan(strategy=strategy, counts=counts, cut_length=cut_length, long_threshold=long_threshold,
                        long_share=long_share, target_weights={str(n): float(w) for n, w in zip(names, weights)},
-                       total_tokens=total_tokens, upsample_domains=domains, seed=int(seed))
+                       total_tokens=total_tokens, upsample_domains=domains, seed=int(seed),
+                       own_profile=tuple(str(n) for n in names[own]))
 
 
-def _group_targets(strategy, base, natural, names, weights, total, ls, thr, domains, downsample_long, own_total):
-    """float64 [S, 2]: token target per (source, short/long) group; None when every document is kept once."""
+def _own_profile(natural: np.ndarray, weights: np.ndarray, ls: float, downsample_long: bool) -> np.ndarray:
+    """bool [S]: sources with a budget that cannot take long share ``ls`` (per_source): no long documents while
+    ``ls > 0``, or no short ones while their share would have to come down (``downsample_long``)."""
+    no_long = (natural[:, 1] == 0) & (ls > 0)
+    no_short = (natural[:, 0] == 0) & downsample_long
+    return (weights > 0) & (no_long | no_short)
+
+
+def _group_targets(strategy, base, natural, names, weights, total, ls, thr, domains, downsample_long, own_total,
+                   own):
+    """float64 [S, 2]: token target per (source, short/long) group; None when every document is kept once.
+
+    ``own`` (bool [S], per_source only): sources that keep their natural length profile inside their budget."""
     base_total = base.sum()
     if strategy in ("original", "cut"):
         if np.allclose(base, natural, rtol=1e-12, atol=0.5) and total == round(float(base_total)):
@@ -282,26 +313,18 @@ def _group_targets(strategy, base, natural, names, weights, total, ls, thr, doma
         with np.errstate(invalid="ignore", divide="ignore"):
             nat_share = np.where(src_base > 0, base[:, 1] / src_base, 0.0)
         share = ls if downsample_long else np.maximum(ls, nat_share)
-        share = np.broadcast_to(share, budget.shape)
-        for i, n in enumerate(names):
-            if budget[i] > 0 and share[i] > 0 and natural[i, 1] == 0:
-                raise ConfigError(f"source '{n}' has no documents longer than long_threshold ({thr} tokens), so "
-                                  f"per_source_upsample cannot give it long share {ls}; give '{n}' weight 0 in "
-                                  "target_weights, lower long_threshold or set long_share=0")
-            if budget[i] > 0 and share[i] < 1 and natural[i, 0] == 0:
-                raise ConfigError(f"source '{n}' has no documents of <= {thr} tokens, so its long share cannot be "
-                                  f"brought down to {ls}; pass downsample_long=False (--keep-long-sources) to keep its natural "
-                                  "profile, or give it weight 0 in target_weights")
+        share = np.where(own, nat_share, share)  # 0 (no long documents) or 1 (only long ones): their own profile
         return np.stack([budget * (1 - share), budget * share], axis=1)
     if strategy == "global_upsample":
         nat = base[:, 1].sum() / base_total
         share = ls if downsample_long else max(ls, nat)
         if share > 0 and base[:, 1].sum() == 0:
-            raise ConfigError(f"no document is longer than long_threshold ({thr} tokens), so global_upsample "
-                              f"cannot reach long share {ls}; lower long_threshold or set long_share=0")
+            raise ConfigError(f"no document is longer than --long-threshold {thr} tokens, so --strategy "
+                              f"global_upsample cannot reach --long-share {ls}; lower --long-threshold, set "
+                              "--long-share 0 or use --strategy per_source_upsample (sources keep their profile)")
         if share < 1 and base[:, 0].sum() == 0:
-            raise ConfigError(f"no document has <= {thr} tokens, so global_upsample cannot bring the long share "
-                              f"down to {ls}; pass downsample_long=False (--keep-long-sources)")
+            raise ConfigError(f"no document has <= {thr} tokens (--long-threshold), so --strategy global_upsample "
+                              f"cannot bring the long share down to --long-share {ls}; pass --keep-long-sources")
         long_t = base[:, 1] / max(base[:, 1].sum(), 1e-300) * share * total
         short_t = base[:, 0] / max(base[:, 0].sum(), 1e-300) * (1 - share) * total
         return np.stack([short_t, long_t], axis=1)
@@ -309,8 +332,8 @@ def _group_targets(strategy, base, natural, names, weights, total, ls, thr, doma
     chosen = np.isin(names, np.asarray(domains))
     long_chosen = base[chosen, 1].sum()
     if long_chosen == 0:
-        raise ConfigError(f"upsample_domains {list(domains)} have no documents longer than long_threshold "
-                          f"({thr} tokens) in the base mixture; choose other domains or lower long_threshold")
+        raise ConfigError(f"--domains {','.join(domains)}: none has a document longer than --long-threshold {thr} "
+                          "tokens in the base mixture; choose other --domains or lower --long-threshold")
     long_other = base[~chosen, 1].sum()
     short_all = base[:, 0].sum()
     # (long_other + x) / (short_all + long_other + x) = ls  =>  x = (ls * (short_all + long_other) - long_other)/(1-ls)
@@ -331,6 +354,7 @@ def _fill_groups(lengths, group, targets, names, thr, ls, seed, absorb: bool) ->
     order = np.argsort(group, kind="stable")
     bounds = np.searchsorted(group[order], np.arange(targets.size + 1))
     counts = np.zeros(lengths.size, dtype=np.int64)
+    impossible = []
     for s in range(targets.shape[0]):
         budget = round(float(targets[s].sum()))
         got_long = 0
@@ -341,15 +365,18 @@ def _fill_groups(lengths, group, targets, names, thr, ls, seed, absorb: bool) ->
             if kind == 0 and absorb:
                 want = budget - got_long
             if want > 0 and (members.size == 0 or lengths[members].sum() == 0):
-                what = f"longer than {thr}" if kind else f"of <= {thr}"
-                raise ConfigError(f"source '{names[s]}' has no documents {what} tokens but the mixture needs "
-                                  f"{want} such tokens from it (long_share {ls}); give '{names[s]}' weight 0 in "
-                                  "target_weights or change long_threshold/long_share")
+                impossible.append(f"'{names[s]}' needs {want} tokens of documents "
+                                  f"{'longer than' if kind else 'of at most'} {thr} tokens and has none")
+                continue
             rng = np.random.default_rng([int(seed), g])
             c = _choose_counts(lengths[members], want, rng)
             counts[members] = c
             if kind == 1:
                 got_long = int((c * lengths[members]).sum())
+    if impossible:
+        raise ConfigError(f"the mixture cannot be met (--long-share {ls}, --long-threshold {thr}): "
+                          f"{'; '.join(impossible)}; give such sources weight 0 in --weights or change "
+                          "--long-threshold / --long-share")
     return counts
 
 
@@ -439,19 +466,57 @@ def format_report(before: dict, after: dict) -> str:
     return "\n".join(out)
 
 
+LEGEND_SOURCES = 9
+"""The plot names this many sources (the largest by tokens); the rest are drawn and listed as one "other"."""
+OTHER = "other"
+
+
+def _legend_groups(names: np.ndarray, tokens: np.ndarray, top: int) -> tuple[list[str], np.ndarray]:
+    """(group labels, group id int64 [S] of each source): the ``top`` sources with most ``tokens`` (float [S]), in
+    that order, then one ``other`` group for the rest (only when the rest holds two or more sources)."""
+    order = sorted(range(len(names)), key=lambda i: (-tokens[i], str(names[i])))
+    kept = order[:top] if len(names) > top + 1 else order  # never an "other" of a single source
+    group = np.full(len(names), len(kept), dtype=np.int64)
+    group[kept] = np.arange(len(kept))
+    labels = [str(names[i]) for i in kept] + ([OTHER] if len(kept) < len(names) else [])
+    return labels, group
+
+
+def _group_colours(n: int) -> list:
+    """``n`` distinct colours for named sources: tab10 without its grey (kept for ``other``), tab20 past 9."""
+    from matplotlib import colormaps
+
+    tab10 = [c for i, c in enumerate(colormaps["tab10"].colors) if i != 7]  # index 7 is the grey
+    pool = tab10 if n <= len(tab10) else list(colormaps["tab20"].colors)
+    if n > len(pool):
+        raise ValueError(f"{n} legend groups but only {len(pool)} distinct colours; lower the number of sources named")
+    return pool[:n]
+
+
 def plot_lengths(lengths, sources, plan: MixturePlan, path, *, bins: int = 60, figsize=(12.0, 4.5),
-                 dpi: int = 100) -> str:
+                 dpi: int = 100, legend_sources: int = LEGEND_SOURCES):
     """Write a PNG of the token-weighted document-length histogram (log x), before | after ``plan``, stacked by
-    source, with the long threshold marked. The image is ``figsize * dpi`` pixels. Returns ``path`` as a str."""
+    source, with the long threshold marked, and return its matplotlib ``Figure``. The ``legend_sources`` sources
+    with most tokens after the plan (then before) are drawn and named one by one, the rest as one grey "other", so
+    the legend of a 31-source corpus still fits; every legend entry has its own colour. The image is
+    ``figsize * dpi`` pixels."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # no pyplot: leaves the global backend alone
     from matplotlib.figure import Figure
 
     lengths, names, ids = _check_corpus(lengths, sources)
     if plan.counts.shape != lengths.shape:
         raise ConfigError(f"plan has counts for {plan.counts.size} documents but the corpus has {lengths.size}")
+    if legend_sources < 1:
+        raise ConfigError(f"legend_sources = {legend_sources!r}: the legend must name at least one source")
     lo = max(int(lengths[lengths > 0].min()) if (lengths > 0).any() else 1, 1)
     edges = np.geomspace(lo, max(int(lengths.max()), lo + 1) + 1, bins + 1)
-    fig = Figure(figsize=figsize, dpi=dpi)
+    after_tokens = np.bincount(ids, weights=lengths * plan.counts, minlength=len(names))
+    before_tokens = np.bincount(ids, weights=lengths, minlength=len(names))
+    # rank by tokens after, ties (e.g. dropped sources, 0 after) by tokens before
+    labels, group = _legend_groups(names, after_tokens + before_tokens / (before_tokens.sum() + 1.0), legend_sources)
+    named = len(labels) - (labels[-1] == OTHER)
+    colours = _group_colours(named) + (["#7f7f7f"] if named < len(labels) else [])  # tab10's grey for "other"
+    fig = Figure(figsize=figsize, dpi=dpi, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 2, sharey=True)
     panels = (("before (original)", np.ones(lengths.size, dtype=np.int64), None),
@@ -460,15 +525,17 @@ def plot_lengths(lengths, sources, plan: MixturePlan, path, *, bins: int = 60, f
         plen, copies, doc = _pieces(lengths, counts, cut)
         tok = (plen * copies).astype(np.float64)
         total = tok.sum() or 1.0
-        data = [np.maximum(plen[ids[doc] == i], 1) for i in range(len(names))]
-        w = [tok[ids[doc] == i] / total for i in range(len(names))]
-        ax.hist(data, bins=edges, weights=w, stacked=True, label=[str(n) for n in names])
+        g = group[ids[doc]]
+        data = [np.maximum(plen[g == i], 1) for i in range(len(labels))]
+        w = [tok[g == i] / total for i in range(len(labels))]
+        ax.hist(data, bins=edges, weights=w, stacked=True, label=labels, color=colours)
         ax.axvline(plan.long_threshold, color="k", linestyle="--", linewidth=1)
         ax.set_xscale("log")
         ax.set_xlabel("document length (tokens)")
         ax.set_title(title)
     axes[0].set_ylabel("share of tokens")
-    axes[1].legend(fontsize=8)
-    fig.tight_layout()
+    handles, _ = axes[1].get_legend_handles_labels()
+    title = f"source ({len(names) - legend_sources} more as {OTHER})" if labels[-1] == OTHER else "source"
+    fig.legend(handles, labels, loc="outside right upper", fontsize=8, title=title, title_fontsize=8)
     fig.savefig(str(path), dpi=dpi)
-    return str(path)
+    return fig

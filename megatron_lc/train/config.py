@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from ..configtools import ConfigError, check_keys, check_types, load_yaml, yaml_problem
+from ..configtools import ConfigError, check_keys, check_types, closest_key, load_yaml, yaml_problem
 from ..model.config import ModelConfig, preset_config
 
 
@@ -114,10 +114,12 @@ class DataSection:
     seq_len: int = 2048
     """Tokens per sample (the model sees seq_len inputs and seq_len aligned labels)."""
     micro_batch_size: int = 1
-    """Samples per data-parallel replica per micro-batch."""
+    """Samples per data-parallel replica per micro-batch (with global_batch_tokens: at most this many, the largest
+    size that divides each replica's share)."""
     global_batch_tokens: int = 0
-    """Tokens per optimizer step over the whole world; 0: one micro-batch per replica. Must be a multiple of
-    seq_len x micro_batch_size x data-parallel degree (the rest is gradient accumulation)."""
+    """Tokens per optimizer step over the whole world, the way to fix the batch: any layout (dp size) that divides
+    it trains the same batch, the rest made up by gradient accumulation; must be a multiple of seq_len x
+    micro_batch_size x data-parallel degree. 0: one micro-batch per replica, so the batch grows with dp."""
     seed: int = 0
     """Seed of the sample order."""
 
@@ -158,8 +160,9 @@ class LoggingSection:
 class EvalSection:
     """Validation loss on data.val_tokens."""
 
-    every: int = 0
-    """Every N steps (0: never)."""
+    every: int | None = None
+    """Every N steps and at the last step; None: every max(1, train.steps // 10) steps when data.val_tokens is
+    given, else never; 0: never."""
     batches: int = 4
     """Micro-batches per replica per validation."""
 
@@ -206,6 +209,13 @@ class TrainConfig:
 
     def model_config(self) -> ModelConfig:
         return self.model.build()
+
+    def eval_every(self) -> int:
+        """Steps between validations (0: none): eval.every, or when it is not set and data.val_tokens is given,
+        max(1, train.steps // 10)."""
+        if self.eval.every is not None:
+            return self.eval.every
+        return max(1, self.train.steps // 10) if self.data.val_tokens else 0
 
     def sections(self) -> dict[str, Any]:
         """{section name: its dataclass}, in the YAML's order."""
@@ -257,6 +267,9 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(f"data.train_blend must be a list of [weight > 0, dataset prefix] pairs, got "
                                   f"{d.train_blend!r}")
+        if self.eval.every is not None and self.eval.every < 0:
+            raise ConfigError(f"eval.every must be >= 0 (0: never; unset: every train.steps // 10 steps with "
+                              f"data.val_tokens), got {self.eval.every}")
         if self.eval.every and not d.val_tokens:
             raise ConfigError("eval.every > 0 needs data.val_tokens (a held-out dataset prefix)")
         if not 0 <= self.schedule.min_lr_ratio <= 1:
@@ -309,7 +322,9 @@ class TrainConfig:
 
     def check_world(self, world_size: int) -> dict[str, int]:
         """Check that dp_replicate x dp_shard x cp x tp == world_size (ParallelDims resolves dp_shard=-1) and that
-        the global batch divides. Returns the sizes {dp_replicate, dp_shard, cp, tp, cp_ulysses, accumulation}."""
+        the global batch divides. Returns the sizes {dp_replicate, dp_shard, cp, tp, cp_ulysses, accumulation,
+        micro_batch_size}: with data.global_batch_tokens, the micro-batch is the largest size up to
+        data.micro_batch_size that divides each replica's samples, the rest accumulated."""
         from ..parallel.context_parallel import sequence_layout
         from ..parallel.parallel_dims import ParallelDims
 
@@ -329,15 +344,19 @@ class TrainConfig:
                               f"each sample splits into {divisor} equal pieces, and parallel.cp_pad=false forbids "
                               f"padding; set parallel.cp_pad=true (pads with -100 labels) or use a data.seq_len that "
                               f"is a multiple of {divisor}")
-        per_micro = self.data.seq_len * self.data.micro_batch_size * dp
-        accumulation = 1
-        if self.data.global_batch_tokens:
-            if self.data.global_batch_tokens % per_micro:
-                raise ConfigError(f"data.global_batch_tokens={self.data.global_batch_tokens} is not a multiple of "
-                                  f"seq_len x micro_batch_size x dp = {per_micro}: use a multiple")
-            accumulation = self.data.global_batch_tokens // per_micro
+        d = self.data
+        micro, accumulation = d.micro_batch_size, 1
+        if d.global_batch_tokens:
+            per_replica, rest = divmod(d.global_batch_tokens, d.seq_len * dp)
+            if rest or not per_replica:
+                raise ConfigError(f"data.global_batch_tokens={d.global_batch_tokens} is not a multiple of seq_len x "
+                                  f"dp = {d.seq_len} x {dp} = {d.seq_len * dp}: each of the dp={dp} replicas takes "
+                                  f"whole samples of data.seq_len tokens; use a multiple")
+            # micro_batch_size is the most samples a micro-batch holds: the largest that divides the replica's share
+            micro = next(m for m in range(min(micro, per_replica), 0, -1) if per_replica % m == 0)
+            accumulation = per_replica // micro
         return {"dp_replicate": p.dp_replicate, "dp_shard": dp_shard, "cp": p.cp, "tp": p.tp,
-                "cp_ulysses": p.cp_ulysses, "accumulation": accumulation}
+                "cp_ulysses": p.cp_ulysses, "accumulation": accumulation, "micro_batch_size": micro}
 
 
 def _check_dataset(key: str, path: str) -> None:
@@ -364,6 +383,65 @@ def _section_class(name: str):
             "logging": LoggingSection, "eval": EvalSection, "train": TrainSection}[name]
 
 
+REQUIRED = "(required without model.preset)"  # how --list-keys shows a ModelConfig field without a default
+
+
+def config_keys() -> list[tuple[str, str, Any, str]]:
+    """(dotted key, type, default, one-line doc) of every config key, in the YAML's order; model.config.* are
+    ModelConfig's fields (default REQUIRED where a preset or the YAML must give them)."""
+    rows = []
+    for section in dataclasses.fields(TrainConfig):
+        cls = _section_class(section.name)
+        for f in dataclasses.fields(cls):
+            if section.name == "model" and f.name == "config":
+                rows += [(f"model.config.{g.name}", *_type_default_doc(ModelConfig, g))
+                         for g in dataclasses.fields(ModelConfig)]
+            else:
+                rows.append((f"{section.name}.{f.name}", *_type_default_doc(cls, f)))
+    return rows
+
+
+def _type_default_doc(cls, f: dataclasses.Field) -> tuple[str, Any, str]:
+    from ..configtools import _field_types, field_docs, type_name
+
+    if f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+    else:
+        default = REQUIRED if f.default is dataclasses.MISSING else f.default
+    return type_name(_field_types(cls)[f.name]), default, field_docs(cls)[f.name]
+
+
+def _check_override_key(keys: list[str], item: str) -> None:
+    """ConfigError for an override whose key names no config key, saying it is the command-line override and
+    naming the closest valid key (``model.vocab_size`` -> ``model.config.vocab_size``)."""
+    from ..configtools import _field_types
+
+    valid = ["model.config"] + [row[0] for row in config_keys()]  # model.config=... gives the whole mapping
+    path = ".".join(keys)
+    head = ".".join(keys[:3] if keys[:2] == ["model", "config"] else keys[:2])
+    ok = head in valid
+    if ok and len(keys) > head.count(".") + 1:  # deeper: only into a mapping (train.kernels.attention=...)
+        cls, name = (ModelConfig, keys[2]) if keys[:2] == ["model", "config"] else (_section_class(keys[0]), keys[1])
+        ok = "dict" in str(_field_types(cls)[name])
+    if not ok:
+        close = closest_key(path, valid)
+        hint = f"did you mean {close}? " if close else ""
+        raise ConfigError(f"unknown key {path!r} in the command-line override {item}: {hint}(`megatron-lc train "
+                          f"--list-keys` lists every key with its type and default)")
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    """The whole resolved config as YAML (every key, tuples as lists), loadable again with ``--config``."""
+    def plain(value):
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    return yaml.safe_dump(plain(cfg.to_dict()), sort_keys=False, default_flow_style=False, width=120)
+
+
 def apply_override(data: dict, item: str) -> None:
     """Apply one ``section.key=value`` (or ``model.config.key=value``) to the nested dict ``data``; the value is
     parsed as YAML (numbers, booleans, null, lists)."""
@@ -373,6 +451,7 @@ def apply_override(data: dict, item: str) -> None:
     keys = path.strip().split(".")
     if len(keys) < 2:
         raise ConfigError(f"override {item!r}: name a section and a key, e.g. train.steps=10")
+    _check_override_key(keys, item)
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as e:

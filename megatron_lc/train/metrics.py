@@ -191,7 +191,8 @@ def _cut_torn_line(path: str) -> None:
 
 
 # ---- progress line -------------------------------------------------------------------------------------------------
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+    """``seconds`` as a person reads a duration: 42s, 3m05s, 1h02m, 2d03h."""
     s = round(seconds)
     if s >= 86400:
         return f"{s // 86400}d{s % 86400 // 3600:02d}h"
@@ -252,7 +253,7 @@ class Progress:
                 eta = elapsed / done * (self.total - step)
                 if self.time_limit is not None:
                     eta = min(eta, max(0.0, self.time_limit - elapsed))
-                parts.append("ETA " + _duration(eta))
+                parts.append("ETA " + format_duration(eta))
         return " | ".join(parts)
 
     def update(self, step: int, metrics: dict[str, float] | None = None, *, force: bool = False) -> None:

@@ -4,8 +4,8 @@
 names the run (``run_id``: fixed for the run's life and stored in each of its checkpoints) and its current owner
 (``token``, pid, host, start time: a new token each time a process starts or resumes the run).
 
-- A fresh run (``checkpoint.resume=none``) refuses a folder that holds a run's files (run.json, metrics.jsonl,
-  TensorBoard events, step_<N>/ folders), naming the choices. ``checkpoint.overwrite=true`` moves those files,
+- A fresh run (``checkpoint.resume=none``) refuses a folder that holds a run's files (run.json, run_config.yaml,
+  metrics.jsonl, TensorBoard events, step_<N>/ folders), naming the choices. ``checkpoint.overwrite=true`` moves those files,
   untouched, into ``replaced_<date>_<old run id>/`` inside the folder: nothing is deleted, the old run can still be
   read or moved back, and the folder then holds only the new run, so pruning, metrics and ``--resume auto`` cannot
   mix the two.
@@ -30,7 +30,7 @@ from ..configtools import ConfigError
 from ..files import write_json
 
 RUN_FILE = "run.json"
-_RUN_NAMES = re.compile(r"^(run\.json|metrics\.jsonl|events\.out\.tfevents\..+|step_\d+)$")
+_RUN_NAMES = re.compile(r"^(run\.json|run_config\.yaml|metrics\.jsonl|events\.out\.tfevents\..+|step_\d+)$")
 
 
 class RunFolderError(ConfigError):

@@ -10,7 +10,8 @@ The run folders are owned (megatron_lc.train.run_folder): a fresh run refuses an
 its own over, and every metrics line and checkpoint first checks that no newer process took the folder over. A
 resume with a changed config is checked and applied by megatron_lc.train.resume. SIGTERM checkpoints and stops the
 run; ``train`` then raises StoppedBySignal (exit status EXIT_STOPPED from the command line), so a scheduler can
-requeue it.
+requeue it. Rank 0 says what the run is and did (megatron_lc.train.summary): a start summary, ``saved step_N``
+lines and an end summary.
 """
 from __future__ import annotations
 
@@ -36,9 +37,10 @@ from ..parallel.parallel_dims import ParallelDims
 from ..parallel.parallelize import ParallelizeConfig, materialize, parallelize
 from . import resume, run_folder
 from .config import TrainConfig
-from .data_source import train_samples, val_samples
+from .data_source import fit_vocab, train_samples, val_samples
 from .metrics import MetricsLogger, Progress, mfu, peak_flops_per_second
 from .optim import build_optimizer, build_scheduler
+from .summary import end_lines, start_lines, write_run_config
 
 EXIT_STOPPED = 143  # 128 + SIGTERM: what shells and schedulers report for a job ended by SIGTERM
 TIMEOUT_KEY = "parallel.timeout_s"
@@ -88,11 +90,13 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
+        fit_vocab(cfg)  # the data's vocabulary, or one error naming the override, before anything is built
         init_process_group(_device(cfg).type, timeout_s=cfg.parallel.timeout_s)
         self.device = _device(cfg)
         self.rank, world = dist.get_rank(), dist.get_world_size()
         sizes = cfg.check_world(world)
         self.accumulation = sizes.pop("accumulation")
+        self.micro_batch_size = sizes.pop("micro_batch_size")
         self.run_folders = None
         if cfg.checkpoint.resume == "none":  # a fresh run: refuse another run's folder before any work
             self._take_run_folders(None, None)
@@ -122,14 +126,22 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.train.steps, cfg.schedule)
         self.config_hparams = resume.optimizer_hparams(self.optimizer)  # before a checkpoint overwrites them
         self.dp_rank = self.dims.get_mesh("dp").get_local_rank()
-        self.loader = Loader(samples, d.micro_batch_size, self.dims.dp, self.dp_rank)
+        self.loader = Loader(samples, self.micro_batch_size, self.dims.dp, self.dp_rank)
         self.step, self.skipped, self.bad_in_row, self.tokens_seen = 0, 0, 0, 0
-        self.batch_tokens = d.seq_len * d.micro_batch_size * self.dims.dp * self.accumulation  # per optimizer step
+        self.batch_tokens = d.seq_len * self.micro_batch_size * self.dims.dp * self.accumulation  # per optimizer step
         self.flops_per_token = train_flops_per_token(self.model_config, d.seq_len)
         self.peak_flops = peak_flops_per_second(self.device, param_dtype or torch.float32)
         self.stop_requested, self.stopped_by = False, None
         self.grad_hook = None  # called as grad_hook(trainer) once a step's gradients are final, before clipping
+        self.resume_point = "a fresh start at step 0" + (f" from the weights of {cfg.model.init_from}"
+                                                         if cfg.model.init_from else "")
         self._maybe_resume()
+        self.saved: list[str] = []  # checkpoints this process wrote (the end summary lists them)
+        if self.rank == 0:
+            path = write_run_config(cfg) if self.run_folders.folders else None
+            for line in start_lines(cfg, self.model_config, sizes, world, (self.micro_batch_size, self.accumulation),
+                                    self.resume_point, path):
+                print(line, flush=True)
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
     def _maybe_resume(self) -> None:
@@ -148,13 +160,13 @@ class Trainer:
         if path is None:
             return
         if not state["has_optimizer"]:  # weights only (e.g. converted from HF): a warm start at step 0
-            if self.rank == 0:
-                print(f"[megatron-lc] starting from the weights of {path}", flush=True)
+            self.resume_point = f"step 0 from the weights of {path} (weights only: a warm start, not a resume)"
             return
         self.scheduler.load_state_dict(state["scheduler"])
         resume.apply(self.optimizer, self.scheduler, self.config_hparams)  # the new lr, not the checkpoint's
         self.loader.load_state_dict(state["loader"])
         self.step, self.skipped, self.tokens_seen = state["step"], state["skipped"], state["tokens_seen"]
+        self.resume_point = f"resumed from {path} at step {self.step}"
         if self.rank == 0:
             print(f"[megatron-lc] resumed from {path} at step {self.step}", flush=True)
 
@@ -279,7 +291,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean loss over eval.batches micro-batches per replica of the validation file (the same ones each time)."""
-        loader = Loader(self.val_samples, self.cfg.data.micro_batch_size, self.dims.dp, self.dp_rank)
+        loader = Loader(self.val_samples, self.micro_batch_size, self.dims.dp, self.dp_rank)
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         for _ in range(self.cfg.eval.batches):
             b = self._prepare(loader.next())
@@ -327,6 +339,8 @@ class Trainer:
         logger = MetricsLogger(log_dir, rank=self.rank, tensorboard=cfg.logging.tensorboard,
                                resume_step=self.step or None) if log_dir else None
         progress = Progress(cfg.train.steps, rank=self.rank)
+        eval_every = cfg.eval_every()
+        first_step, first_tokens, started = self.step, self.tokens_seen, time.perf_counter()
         try:
             last = cfg.train.steps if until is None else min(until, cfg.train.steps)
             with timeout_errors(TIMEOUT_KEY, cfg.parallel.timeout_s):
@@ -334,7 +348,7 @@ class Trainer:
                     reset_peak_memory(self.device)
                     metrics = self.train_step()
                     metrics["train/peak_memory_gib"] = peak_memory_bytes(self.device) / 2**30
-                    if cfg.eval.every and self.step % cfg.eval.every == 0:
+                    if eval_every and (self.step % eval_every == 0 or self.step == cfg.train.steps):
                         metrics["val/loss"] = self.evaluate()
                     history.append({"step": self.step, **metrics})
                     signalled = self._agree(every_rank_looks=False)  # before this step's metrics are written
@@ -344,7 +358,8 @@ class Trainer:
                     stop = signalled or self.step == last
                     if cfg.checkpoint.dir and (stop or
                                                (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0)):
-                        self.save()
+                        self.saved.append(self.save())
+                        progress.message(f"[megatron-lc] saved step_{self.step} ({self.saved[-1]})")
                     if signalled:
                         self._say_stopped()
                     if stop:
@@ -354,6 +369,10 @@ class Trainer:
                 logger.close()
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
+        if self.rank == 0:
+            for line in end_lines(history, first_step, self.step, (first_tokens, self.tokens_seen),
+                                  time.perf_counter() - started, self.saved):
+                print(line, flush=True)
         return history
 
     @staticmethod
