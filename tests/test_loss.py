@@ -116,12 +116,14 @@ def test_peak_memory_is_bounded_by_a_chunk_and_does_not_grow_with_tokens():
     v, h, chunk = 32768, 64, 128
     small, large = _peak_extra(1024), _peak_extra(8192)
     # Allowed: 3 fp32 [chunk, V] buffers + the fp32 weight-gradient accumulator and weight.grad ([V, H] each)
-    # + hidden-sized gradients (3 x N x H x 4 B) + 32 MiB for the allocator: 100 MB at N=1024. Full logits alone:
-    # N x V x 4 B (134 MB at N=1024, 1.07 GB at N=8192).
-    budget = lambda n: 3 * chunk * v * 4 + 2 * v * h * 4 + 3 * n * h * 4 + 32 * 2**20  # noqa: E731
+    # + hidden-sized gradients (3 x N x H x 4 B) + 128 MiB for the allocator (glibc gives each of the 2 compute
+    # threads its own 64 MiB heap arena: measured 54 MB on one machine, 129 MB on another at N=1024): 201 MB. Full
+    # logits alone: N x V x 4 B (1.07 GB at N=8192, and their growth from N=1024 0.94 GB).
+    slack = 128 * 2**20
+    budget = lambda n: 3 * chunk * v * 4 + 2 * v * h * 4 + 3 * n * h * 4 + slack  # noqa: E731
     assert small["extra"] <= budget(1024), small
-    assert large["extra"] <= budget(8192), large
-    assert large["extra"] - small["extra"] <= 3 * (8192 - 1024) * h * 4 + 32 * 2**20, (small, large)
+    assert large["extra"] <= budget(8192) < 8192 * v * 4 / 4, large
+    assert large["extra"] - small["extra"] <= 3 * (8192 - 1024) * h * 4 + slack, (small, large)
     assert abs(small["loss"] - large["loss"]) < 0.05  # both ~ ln(V) = 10.40: the work was really done
 
 
