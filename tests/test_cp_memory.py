@@ -15,7 +15,7 @@ SHAPE = dict(seq_len=8192, heads=14, kv_heads=2, head_dim=64)  # q: 28 MiB fp32 
 def _measure(rank, world):
     from megatron_lc.bench.cp import measure_attention
 
-    return measure_attention(mode="ring", repeats=3, **SHAPE)
+    return measure_attention(mode="ring", repeats=1, **SHAPE)  # peaks agree run to run; the warmup run pages code in
 
 
 @pytest.mark.slow

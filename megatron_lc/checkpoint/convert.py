@@ -11,7 +11,6 @@ tokenizer's files beside the HF weights and writes that record as ``training.jso
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 
@@ -133,18 +132,9 @@ def training_record(path: str) -> dict | None:
         if not data or not data.get("seq_len"):
             return None
         return {"trained_seq_len": int(data["seq_len"]), "steps": state.get("step"), "source": os.path.abspath(path)}
-    file = os.path.join(path, TRAINING_JSON)
-    if not os.path.isfile(file):
-        return None
-    try:
-        with open(file) as f:
-            record = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{file}: not readable as JSON ({e}); delete it (eval then marks max_position_embeddings "
-                          f"instead of the training length) or pass --train-length") from None
-    if not isinstance(record, dict):
-        raise ConfigError(f"{file}: expected a JSON object with trained_seq_len, got {type(record).__name__}")
-    return record
+    return files.read_json_object(os.path.join(path, TRAINING_JSON),
+                                  "delete it (eval then marks max_position_embeddings instead of the training "
+                                  "length) or pass --train-length")
 
 
 def model_tokenizer(path: str) -> tuple[str | None, str]:

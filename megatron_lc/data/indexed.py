@@ -34,7 +34,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ..configtools import ConfigError
-from ..files import write_json
+from ..files import read_json_object, write_json
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -311,19 +311,8 @@ class IndexedDataset:
         self._id_range: tuple[int, int] | None | bool = False  # False: not looked up yet
 
     def _load_sidecar(self) -> dict | None:
-        path = self.paths["meta"]
-        if not os.path.isfile(path):
-            return None
-        try:
-            with open(path) as f:
-                side = json.load(f)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"{path}: unreadable sidecar ({e}): delete it (the dataset then opens unverified) or "
-                              f"rewrite the dataset") from e
-        if not isinstance(side, dict):
-            raise ConfigError(f"{path}: a JSON {type(side).__name__}, not the object our writer stores: delete it "
-                              f"or rewrite the dataset")
-        return side
+        return read_json_object(self.paths["meta"], "delete it (the dataset then opens unverified) or rewrite the "
+                                                    "dataset")
 
     def _verify_files(self, side: dict | None, n_seq: int, n_tokens: int) -> bool:
         """Check .bin and .idx against the fingerprints written with them; True when both match, False (and one

@@ -18,7 +18,6 @@ names the run (``run_id``: fixed for the run's life and stored in each of its ch
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import re
 import socket
@@ -27,7 +26,7 @@ from dataclasses import dataclass
 
 from ..checkpoint import folders as ckpt
 from ..configtools import ConfigError
-from ..files import write_json
+from ..files import read_json_object, write_json
 
 RUN_FILE = "run.json"
 _RUN_NAMES = re.compile(r"^(run\.json|run_config\.yaml|metrics\.jsonl|events\.out\.tfevents\..+|step_\d+)$")
@@ -44,7 +43,7 @@ class RunFolderTakenOver(RuntimeError):
 
 def new_run_id() -> str:
     """A fresh run id: the UTC start time and 8 random hex digits (sortable, readable, unique)."""
-    return f"{datetime.datetime.now(datetime.timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:8]}"
+    return f"{datetime.datetime.now(datetime.UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:8]}"
 
 
 def run_files(folder: str) -> list[str]:
@@ -55,17 +54,11 @@ def run_files(folder: str) -> list[str]:
 def read_run(folder: str) -> dict | None:
     """``folder``'s run.json ({run_id, token, pid, host, started, created}), or None when it has none."""
     path = os.path.join(folder, RUN_FILE)
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path) as f:
-            run = json.load(f)
-        if isinstance(run, dict) and isinstance(run.get("run_id"), str) and isinstance(run.get("token"), str):
-            return run
-    except (ValueError, UnicodeDecodeError):
-        pass
-    raise RunFolderError(f"{path} is not a run file of ours (JSON with run_id and token): move it away, or choose "
-                         f"another folder")
+    fix = "it is not a run file of ours (JSON with run_id and token): move it away, or choose another folder"
+    run = read_json_object(path, fix, RunFolderError)
+    if run is not None and not (isinstance(run.get("run_id"), str) and isinstance(run.get("token"), str)):
+        raise RunFolderError(f"{path}: {fix}")
+    return run
 
 
 def checkpoint_run_id(path: str) -> str | None:
@@ -113,7 +106,7 @@ def _shown(names: list[str]) -> str:
 
 
 def _move_aside(key: str, folder: str, names: list[str], old: dict | None) -> str:
-    stamp = f"{datetime.datetime.now(datetime.timezone.utc):%Y%m%d-%H%M%S}"
+    stamp = f"{datetime.datetime.now(datetime.UTC):%Y%m%d-%H%M%S}"
     dest = os.path.join(folder, f"replaced_{stamp}_{old['run_id'] if old else 'unnamed-run'}")
     suffix = 1
     while os.path.exists(dest + (f"_{suffix}" if suffix > 1 else "")):
@@ -164,7 +157,7 @@ def take(folders: dict[str, str], *, fresh: bool, overwrite: bool = False, run_i
                     f"{run_id}: resuming would write one run's files into the other's folder. Resume that folder's "
                     f"own checkpoints (--resume auto), or give {key} a folder of its own")
     token = uuid.uuid4().hex
-    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     for key, folder in folders.items():
         old = owners[key]
         _write_run(folder, {"run_id": run_id, "token": token, "pid": os.getpid(), "host": socket.gethostname(),
