@@ -44,8 +44,9 @@ COMMANDS: dict[str, Command] = {
                      "a table and plot", ".bench.cli:add_bench_args", ".bench.cli:run_bench"),
     "data": Command("prepare training data: train a tokenizer, clean and deduplicate, tokenize into .bin/.idx, mix "
                     "by per-source length upsampling (data STAGE)", ".data.cli:add_data_args", ".data.cli:run_data"),
-    "eval": Command("evaluate a model: needle in a haystack over lengths x depths (eval niah) or loss by position "
-                    "and domain (eval loss), with JSON, table and PNG", ".eval.cli:add_eval_args",
+    "eval": Command("evaluate a model: needle in a haystack over lengths x depths (eval niah), loss by position "
+                    "and domain (eval loss) or long-context QA, exact match and token F1 (eval qa), with JSON, table "
+                    "and PNG", ".eval.cli:add_eval_args",
                     ".eval.cli:run_eval"),
     "generate": Command("continue a prompt with a trained model or HF folder (sharded over the ranks under torchrun)",
                         ".generate.cli:add_generate_args", ".generate.cli:run_generate"),

@@ -21,9 +21,10 @@ print(json.dumps({"status": status, "heavy": heavy, "out": out.getvalue()}))
 """
 
 LIGHT = [["--help"], [], ["nosuch"], ["convert", "--help"], ["convert", "--from", "x"],
-         ["eval", "--help"], ["eval", "niah", "--help"], ["eval", "loss", "--help"], ["generate", "--help"],
+         ["eval", "--help"], ["eval", "niah", "--help"], ["eval", "loss", "--help"], ["eval", "qa", "--help"],
+         ["generate", "--help"],
          ["chat", "--help"], ["train", "--help"], ["train", "--config"], ["data", "--help"], ["data", "mix", "--help"],
-         ["data", "tokenize"]]
+         ["data", "tokenize"], ["data", "sft", "--help"], ["data", "synth-qa", "--help"]]
 
 
 @pytest.mark.parametrize("argv", LIGHT, ids=[" ".join(a) or "no-args" for a in LIGHT])

@@ -208,14 +208,15 @@ def test_chat_keeps_to_the_models_positions_dropping_oldest_turns():
 
 
 def test_reply_ends_at_the_marker_text_without_marker_tokens():
-    from megatron_lc.generate.chat import reply_text, stop_tokens
+    from megatron_lc.data.chat_template import reply_text, stop_tokens
 
     tok = Bytes()  # no <|im_end|> token: the model spells it out
     stops = stop_tokens(tok)
     assert stops == [tok.eos_token_id]
-    assert reply_text(tok, tok.encode("Sure.<|im_end|>\n<|im_start|>user\nmore"), stops) == "Sure."
-    assert reply_text(tok, tok.encode("Hi") + [tok.eos_token_id] + tok.encode("xx"), stops) == "Hi"
-    assert reply_text(tok, tok.encode("Also<|im_start|>user"), stops) == "Also"
+    assert reply_text(tok, tok.encode("Sure.<|im_end|>\n<|im_start|>user\nmore"), stops) == ("Sure.", True)
+    assert reply_text(tok, tok.encode("Hi") + [tok.eos_token_id] + tok.encode("xx"), stops) == ("Hi", True)
+    assert reply_text(tok, tok.encode("Also<|im_start|>user"), stops) == ("Also", True)
+    assert reply_text(tok, tok.encode("Still going"), stops) == ("Still going", False)
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ import json
 import os
 
 from ..configtools import ConfigError
-from .documents import INPUT_LOST_STATUS, input_lost_line
+from .documents import INPUT_LOST_STATUS, input_status
 
 
 def _weights(text: str) -> dict[str, float]:
@@ -132,7 +132,15 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     b.add_argument("--tokenizer", required=True)
     b.add_argument("--eos-token-id", type=int, default=None)
     b.add_argument("--out", required=True, help="output prefix of the dataset it writes")
-    for stage_parser in (t, c, k, m, v, b):
+    from . import sft_cli, synth_qa_cli  # argparse only: their work imports torch lazily
+
+    f = sub.add_parser("sft", help="chats (OpenAI messages or ShareGPT JSONL) -> ChatML token ids + answer mask "
+                                   "(an SFT .bin/.idx dataset, sft_format.py), with a report")
+    sft_cli.add_args(f)
+    q = sub.add_parser("synth-qa", help="synthetic long multi-doc / single-doc extractive QA chats from document "
+                                        "JSONL, deterministic with a seed")
+    synth_qa_cli.add_args(q)
+    for stage_parser in (t, c, k, m, v, b, f, q):
         stage_parser.set_defaults(stage_parser=stage_parser)  # errors print this stage's usage line
 
 
@@ -163,7 +171,7 @@ def _run_stage(args: argparse.Namespace):
                                    num_threads=max(1, args.workers))
         print(read.format())
         print(f"wrote {path}")
-        return _input_status(read.as_dict(), args)
+        return input_status(read.as_dict(), args.allow_partial_input)
     if args.stage == "clean":
         from ..configtools import check_keys, from_dict, load_yaml
         from .clean import CleaningRules, SourceKinds
@@ -183,7 +191,7 @@ def _run_stage(args: argparse.Namespace):
                                        text_key=args.text_key, source_key=args.source_key, on_error=args.on_error,
                                        kinds=kinds, code_rules=code_rules)
         _print_clean(report)
-        return _input_status(report["read"], args)
+        return input_status(report["read"], args.allow_partial_input)
     if args.stage == "tokenize":
         pipeline.check_val_fraction(args.val_fraction)  # before the tokenizer loads
         report = pipeline.tokenize_corpus(args.inputs, args.tokenizer, args.out, args.workers, args.eos_token_id,
@@ -194,7 +202,7 @@ def _run_stage(args: argparse.Namespace):
         for name, part in report.get("splits", {}).items():
             print(f"  {name}: {part['prefix']} ({part['documents']:,} documents, {part['tokens']:,} tokens)")
         _print_read(report["read"])
-        return _input_status(report["read"], args)
+        return input_status(report["read"], args.allow_partial_input)
     if args.stage == "mix":
         domains = [d.strip() for d in args.domains.split(",") if d.strip()]
         report = pipeline.mix_dataset(args.dataset, args.out, args.strategy, long_threshold=args.long_threshold,
@@ -222,7 +230,15 @@ def _run_stage(args: argparse.Namespace):
         print(json.dumps(result))
         print(f"tokenizer batch encode {result['library_mb_per_s']:.2f} MB/s; tokenize+pack "
               f"{result['pipeline_mb_per_s']:.2f} MB/s ({100 * result['ratio']:.0f}%) on {args.workers} workers")
-        return _input_status(result["read"], args)
+        return input_status(result["read"], args.allow_partial_input)
+    if args.stage == "sft":
+        from . import sft_cli
+
+        return sft_cli.run(args)
+    if args.stage == "synth-qa":
+        from . import synth_qa_cli
+
+        return synth_qa_cli.run(args)
     raise ConfigError(f"unknown data stage {args.stage!r}")
 
 
@@ -237,15 +253,6 @@ def _print_own_profile(report: dict, args: argparse.Namespace) -> None:
     for name, share in own.items():
         why = "no document" if share == 0 else "only documents"
         print(f"  {name}: long share {100 * share:.1f}% ({why} above --long-threshold {args.long_threshold} tokens)")
-
-
-def _input_status(read: dict, args: argparse.Namespace) -> int:
-    """Exit status of a stage from its read report: prints the INPUT LOST line last when a file was cut short."""
-    line = input_lost_line(read, args.allow_partial_input)
-    if line is None:
-        return 0
-    print(line, flush=True)
-    return 0 if args.allow_partial_input else INPUT_LOST_STATUS
 
 
 def _print_read(read: dict) -> None:

@@ -104,6 +104,17 @@ def input_lost_line(read: dict, accepted: bool) -> str | None:
             f"ones), or pass --allow-partial-input to accept what was read")
 
 
+def input_status(read: dict, accepted: bool) -> int:
+    """A data stage's exit status from its read report (``ReadReport.as_dict()``): 0 when every file was read to its
+    end; else it prints the INPUT LOST line (``input_lost_line``) last and returns INPUT_LOST_STATUS, or 0 when
+    ``accepted`` (``--allow-partial-input``)."""
+    line = input_lost_line(read, accepted)
+    if line is None:
+        return 0
+    print(line, flush=True)
+    return 0 if accepted else INPUT_LOST_STATUS
+
+
 def expand_inputs(paths: Iterable[str]) -> list[str]:
     """Files of ``paths`` (folders are searched recursively for the supported suffixes), sorted per folder; a path
     that does not exist or holds no input is a ConfigError."""

@@ -36,7 +36,9 @@ from ..files import write_json
 from .documents import Document, ReadReport, iter_documents
 
 
-def _progress(total: int | None, unit: str, desc: str, enabled: bool):
+def progress_bar(total: int | None, unit: str, desc: str, enabled: bool):
+    """A tqdm bar of ``unit`` items with its rate (and ETA when ``total`` is known), off when not ``enabled``; the
+    data stages' one progress display."""
     from tqdm import tqdm
 
     return tqdm(total=total, unit=unit, unit_scale=True, desc=desc, disable=not enabled, mininterval=1.0)
@@ -177,7 +179,7 @@ def clean_corpus(inputs: list[str], out_dir: str, rules=None, dedup=None, worker
     doc_kinds = []  # kind of each document of the latest file written, in order
     docs = iter_documents(inputs, text_key, source_key, on_error=on_error, report=read)
     pool = _pool(workers, _init_rules, (rules, code_rules, kinds))
-    bar = _progress(None, "doc", "clean", progress)
+    bar = progress_bar(None, "doc", "clean", progress)
     try:
         with open(cleaned_path + ".tmp", "w") as out:  # renamed when complete
             for batch, failed in _map_batches(pool, _failed_rules, _batches(docs, 4 << 20, 2048)):
@@ -322,7 +324,7 @@ def tokenize_corpus(inputs: list[str], tokenizer: str, out_prefix: str, workers:
     docs = iter_documents(inputs, text_key, source_key, on_error=on_error, report=read)
     t0 = time.perf_counter()
     pool = _pool(workers, _init_tokenizer, (tokenizer, eos_token_id))
-    bar = _progress(None, "B", "tokenize", progress)
+    bar = progress_bar(None, "B", "tokenize", progress)
     writers = [IndexedDatasetWriter(out_prefix, vocab_size=tok.vocab_size)]
     if val_fraction is not None:
         writers.append(IndexedDatasetWriter(val_prefix(out_prefix), vocab_size=tok.vocab_size))

@@ -1,5 +1,6 @@
-"""``megatron-lc eval WHAT``: ``niah`` (needle in a haystack grid + heatmap) and ``loss`` (loss by position and
-domain, table + plot).
+"""``megatron-lc eval WHAT``: ``niah`` (needle in a haystack grid + heatmap), ``loss`` (loss by position and
+domain, table + plot) and ``qa`` (LongBench-format or synthetic QA: greedy answers, EM and token F1 by length and
+gold depth).
 
 Models: an HF folder (config.json + safetensors) or one of our checkpoint folders (``step_<N>/``), loaded by
 ``megatron_lc.checkpoint.convert.load_model``. Tokenizer (``megatron_lc.data.tokenizer``): ``--tokenizer``, else
@@ -7,8 +8,8 @@ the model's own (``convert.model_tokenizer``: the files beside an HF folder, the
 checkpoint's training dataset), else the byte tokenizer when the model's vocabulary is its 260 ids; otherwise a
 usage error (bytes would score a model of another vocabulary 0 without a word). The dashed "training length" is
 where the model trained (``convert.training_record``), else its max positions, labelled so. Launched by torchrun,
-both run context-parallel over all ranks, so a context that does not fit one device is still evaluated: ``eval loss``
-with ring attention, ``eval niah`` with a ring prefill and a KV cache sharded over the ranks
+all three run context-parallel over all ranks, so a context that does not fit one device is still evaluated: ``eval
+loss`` with ring attention, ``eval niah`` and ``eval qa`` with a ring prefill and a KV cache sharded over the ranks
 (``megatron_lc.parallel.sharded_generate``). docs/eval.md has the whole story.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import json
 import os
 import time
+from collections import Counter
 
 from ..configtools import ConfigError
 
@@ -367,6 +369,114 @@ def run_loss(args: argparse.Namespace) -> dict:
     return out
 
 
+# ---- qa ---------------------------------------------------------------------------------------------------------
+def add_qa_args(p: argparse.ArgumentParser) -> None:
+    from ..data.chat_template import DEFAULT_SYSTEM  # no torch: help stays fast
+    from .qa import TEMPLATES
+
+    _add_common(p)
+    p.add_argument("--data", action="append", required=True, metavar="JSONL",
+                   help="questions: LongBench-format JSONL (input, context, answers[, length, _id]) or the output "
+                        "of megatron-lc data synth-qa (messages, qa, meta); repeat for more files")
+    p.add_argument("--template", default="multi-doc",
+                   help=f"LongBench prompt: {' or '.join(sorted(TEMPLATES))} (LongBench's hotpotqa/2wikimqa/musique "
+                        "and multifieldqa_en prompts), or a text holding {context} and {input} (default multi-doc)")
+    p.add_argument("--no-chat", action="store_true",
+                   help="send LongBench prompts as raw text (base models), not as a ChatML user turn")
+    system = p.add_mutually_exclusive_group()
+    system.add_argument("--system", default=DEFAULT_SYSTEM,
+                        help=f"system message put first when a chat has none (default: Qwen2's {DEFAULT_SYSTEM!r}, "
+                             "as data sft adds it)")
+    system.add_argument("--no-default-system", action="store_true", help="add no system message")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="most prompt tokens; longer prompts keep their first and last halves (default: the model's "
+                        "max_position_embeddings minus --max-new-tokens)")
+    p.add_argument("--max-new-tokens", type=int, default=32,
+                   help="greedy tokens per answer; it ends earlier at <|im_end|> or EOS (default 32, LongBench's "
+                        "for multi-doc QA)")
+    p.add_argument("--limit", type=int, default=None, help="answer only the first N questions (default: all)")
+    p.add_argument("--length-buckets", type=_int_list, default=None,
+                   help="prompt-length bucket edges in tokens, e.g. 4000,8000 for LongBench-E's 0-4K, 4-8K, 8K+ "
+                        "(default: powers of two)")
+    p.add_argument("--depth-buckets", type=int, default=5,
+                   help="gold-depth buckets over [0, 1] for synthetic QA (default 5: fifths)")
+
+
+def run_qa(args: argparse.Namespace) -> dict:
+    from ..distributed import destroy_process_group
+    from . import qa
+
+    if len(args.model) != 1:
+        raise ConfigError(f"eval qa takes one --model, got {len(args.model)}")
+    for flag, value in {"--max-new-tokens": args.max_new_tokens, "--depth-buckets": args.depth_buckets,
+                        "--limit": args.limit}.items():
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
+    if args.max_length is not None and args.max_length < 2:
+        raise ConfigError(f"--max-length must be >= 2 (a first and a last half), got {args.max_length}")
+    qa.length_edges([1], args.length_buckets)  # a bad --length-buckets fails before the model loads
+    items = qa.read_items(args.data, qa.resolve_template(args.template))[:args.limit]
+    qa.check_prompts(items, not args.no_chat, None if args.no_default_system else args.system)
+    cp, own_group = context_parallel_from_env(args, "ring")
+    try:
+        results = _run_qa(args, items, cp)
+    except BaseException:
+        destroy_process_group(own_group, barrier=False)  # the other ranks fail the same way or time out
+        raise
+    destroy_process_group(own_group)
+    return results
+
+
+def _run_qa(args: argparse.Namespace, items: list, cp) -> dict:
+    from ..checkpoint.convert import load_model
+    from ..data.chat_template import IM_END, stop_tokens
+    from . import qa
+
+    model = load_model(args.model[0], args.dtype, args.device, position_overrides(args))
+    tok, tok_note = model_tokenizer_for(args, model, args.model[0])
+    rank0 = cp is None or cp.mesh.get_rank() == 0
+    log = (lambda line: print(line, flush=True)) if rank0 else (lambda line: None)
+    max_pos = model.config.max_position_embeddings
+    max_length = args.max_length or max_pos - args.max_new_tokens
+    if max_length < 2:
+        raise ConfigError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's "
+                          f"{max_pos} positions: give fewer, or --max-length")
+    system = None if args.no_default_system else args.system
+    log(tok_note)
+    if max_length + args.max_new_tokens > max_pos:
+        log(f"warning: --max-length {max_length} + --max-new-tokens {args.max_new_tokens} go past the model's "
+            f"max_position_embeddings {max_pos}: long prompts reach positions it never trained at")
+    if tok.token_to_id(IM_END) is None:
+        log(f"note: the tokenizer has no {IM_END} token: ChatML markers are encoded as text, and an answer ends at "
+            f"EOS or where it writes a marker")
+    forms = ", ".join(f"{n} {form}" for form, n in sorted(Counter(i.form for i in items).items()))
+    log(f"{len(items)} questions ({forms}) from {', '.join(args.data)}; prompts over {max_length} tokens are cut "
+        f"in the middle; answers up to {args.max_new_tokens} tokens; context parallel {cp.size if cp else 1}")
+    if args.no_chat and any(i.messages is not None for i in items):
+        log("note: --no-chat applies to LongBench records; synthetic chats are sent as ChatML, as they trained")
+    t0 = time.perf_counter()
+    generate_fn = qa.model_generate_fn(model, stop_tokens(tok), args.max_new_tokens, cp)
+    records = qa.run_items(items, tok, generate_fn, max_length, chat=not args.no_chat, system=system, progress=log)
+    results = qa.summarize(records, args.length_buckets, args.depth_buckets)
+    train_length, train_label = _train_length(args, args.model[0], model)
+    results.update(model=args.model[0], data=args.data, template=args.template, chat=not args.no_chat,
+                   system=system, max_length=max_length, max_new_tokens=args.max_new_tokens, tokenizer=tok_note,
+                   cp=cp.size if cp else 1, train_length=train_length, train_length_label=train_label,
+                   seconds=round(time.perf_counter() - t0, 2))
+    if rank0:  # every rank holds the same answers: one writes them
+        os.makedirs(args.out, exist_ok=True)
+        json_path, png_path = os.path.join(args.out, "qa_results.json"), os.path.join(args.out, "qa_results.png")
+        from ..files import write_json
+
+        write_json(json_path, results)
+        qa.plot_results(results, png_path)
+        print(qa.format_table(results))
+        print(f"F1 {results['f1']:.1f}, EM {results['em']:.1f} over {len(items)} questions "
+              f"[{results['seconds']:.1f} s]")
+        print(f"wrote {json_path} and {png_path}")
+    return results
+
+
 # ---- the command ------------------------------------------------------------------------------------------------
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="what", metavar="WHAT", required=True)
@@ -379,9 +489,17 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                           description="Validation loss by position bucket and domain; write loss_by_length.json "
                                       "and loss_by_length.png and print the table.")
     add_loss_args(loss)
+    qa = sub.add_parser("qa", help="long-context QA (LongBench-format or synth-qa JSONL): greedy answers, exact "
+                                   "match and token F1 by length and gold depth; JSON, table and PNG",
+                        description="Answer each question greedily (KV cache; context-parallel under torchrun), "
+                                    "score exact match and LongBench's token F1, and write qa_results.json and "
+                                    "qa_results.png by prompt length and gold depth.")
+    add_qa_args(qa)
 
 
 def run_eval(args: argparse.Namespace):
     if args.what == "niah":
         return run_niah(args)
+    if args.what == "qa":
+        return run_qa(args)
     return run_loss(args)

@@ -15,24 +15,8 @@ from collections.abc import Callable
 import torch
 
 from ..configtools import ConfigError
-from ..data.chat_template import DEFAULT_SYSTEM, IM_END, IM_START, render_chatml
+from ..data.chat_template import DEFAULT_SYSTEM, encode_chatml, render_chatml, reply_text, stop_tokens
 from ..model import Transformer, generate
-
-
-def stop_tokens(tokenizer) -> list[int]:
-    """Ids that end a reply: the tokenizer's ``<|im_end|>`` (if it has that token), then its EOS (if any)."""
-    ids = [tokenizer.token_to_id(IM_END), tokenizer.eos_token_id]
-    return list(dict.fromkeys(i for i in ids if i is not None))
-
-
-def reply_text(tokenizer, new_ids: list[int], stops: list[int]) -> str:
-    """The text of a reply from the generated ids ``new_ids``: up to the first id of ``stops``, decoded, and cut at
-    the first ChatML marker written as text (a tokenizer without the marker tokens spells ``<|im_end|>`` out; a
-    reply that opens another turn has ended its own)."""
-    end = next((i for i, t in enumerate(new_ids) if t in stops), len(new_ids))
-    text = tokenizer.decode(new_ids[:end])
-    cut = min((i for i in (text.find(IM_END), text.find(IM_START)) if i >= 0), default=len(text))
-    return text[:cut]
 
 
 class ChatSession:
@@ -73,7 +57,7 @@ class ChatSession:
         max_new_tokens fit the model's positions); a message too long even alone is a ConfigError."""
         budget = self.max_positions - self.max_new_tokens
         for dropped in range(len(self.history) // 2 + 1):
-            ids = self.tokenizer.encode(self.prompt_text(user, self.history[2 * dropped:]))
+            ids = encode_chatml(self.tokenizer, self.prompt_text(user, self.history[2 * dropped:]))
             if len(ids) <= budget:
                 return ids, dropped
         raise ConfigError(f"this message makes a prompt of {len(ids)} tokens even without earlier turns; with "
@@ -94,7 +78,7 @@ class ChatSession:
         out = generate(self.model, torch.tensor([ids], dtype=torch.int64, device=device), self.max_new_tokens,
                        temperature=self.temperature, top_p=self.top_p, eos_token_id=self.stops,
                        generator=self.generator)
-        text = reply_text(self.tokenizer, out[0, len(ids):].tolist(), self.stops)
+        text, _ = reply_text(self.tokenizer, out[0, len(ids):].tolist(), self.stops)
         self.history += [{"role": "user", "content": user}, {"role": "assistant", "content": text}]
         return text
 

@@ -108,7 +108,8 @@ class ContextParallel:
     def shard_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Full ``[B, S]`` batch (input_ids, labels, position_ids, ...) -> this rank's ``[B, S / cp]`` batch.
 
-        position_ids default to 0..S-1 before sharding, so every token keeps its true position.
+        position_ids default to 0..S-1 before sharding, so every token keeps its true position; padding (pad=True,
+        ``cp_sharding.pad_batch``) gets ``document_ids`` of its own (the row's last id + 1).
         """
         if "input_ids" not in batch:
             raise KeyError("a batch needs 'input_ids' (and usually 'labels', 'position_ids')")

@@ -61,7 +61,9 @@ def shard_positions(seq_len: int, cp_rank: int, cp_size: int, layout: str = "zig
 def pad_batch(batch: dict[str, torch.Tensor], multiple: int, pad_id: int = 0) -> dict[str, torch.Tensor]:
     """Pad every ``[B, S]`` tensor of a batch at the end of the sequence to a multiple of ``multiple``.
 
-    input_ids get ``pad_id``, labels -100 (no loss), position_ids continue counting from the last real position.
+    input_ids get ``pad_id``, labels -100 (no loss), position_ids continue counting from the last real position,
+    document_ids (when present) one id more than the row's last (the padding is a document of its own, so the ids
+    stay non-decreasing).
     Causal attention keeps every real token blind to padding placed after it, so results on real tokens do not
     change. Returns a new dict; tensors already of the right length are returned as they are.
     """
@@ -79,6 +81,8 @@ def pad_batch(batch: dict[str, torch.Tensor], multiple: int, pad_id: int = 0) ->
             fill = torch.full((b, extra), IGNORE_INDEX, dtype=t.dtype, device=t.device)
         elif name == "position_ids":
             fill = t[:, -1:] + torch.arange(1, extra + 1, dtype=t.dtype, device=t.device)
+        elif name == "document_ids":
+            fill = (t[:, -1:] + 1).expand(b, extra)
         else:
             fill = torch.full((b, extra), pad_id, dtype=t.dtype, device=t.device)
         out[name] = torch.cat([t, fill], dim=1)

@@ -105,12 +105,19 @@ class DataSection:
     val_tokens: str | None = None
     """Held-out dataset (prefix, .bin or .idx) for validation loss, read in file order; None: no validation."""
     eos_token_id: int | None = None
-    """End-of-document token id for reset_position_ids / eod_mask_loss; None: the dataset meta's eos_token_id."""
+    """End-of-document token id for reset_position_ids / eod_mask_loss; None: the dataset meta's eos_token_id.
+    train.task=sft: the input id of padding (None: the dataset meta's pad_token_id, else its eos_token_id)."""
     reset_position_ids: bool = False
     """Position ids restart at 0 after each EOS in a packed sample (each document starts at position 0)."""
     eod_mask_loss: bool = False
     """No loss where the input token is EOS (label -100): the first token of the next document is not predicted
     from the previous document's EOS; predicting the EOS itself keeps its loss."""
+    sft_packing: str = "naive"
+    """train.task=sft: naive (chats concatenated into rows, attention crosses them) | reset (naive, positions
+    restart at each chat) | pad (one chat per row); naive and reset pack best-fit decreasing (data/sft_samples.py)."""
+    sft_truncate: str = "none"
+    """train.task=sft: none (a chat longer than seq_len is an error) | left (keep its last seq_len tokens; never
+    an answer token)."""
     seq_len: int = 2048
     """Tokens per sample (the model sees seq_len inputs and seq_len aligned labels)."""
     micro_batch_size: int = 1
@@ -119,7 +126,8 @@ class DataSection:
     global_batch_tokens: int = 0
     """Tokens per optimizer step over the whole world, the way to fix the batch: any layout (dp size) that divides
     it trains the same batch, the rest made up by gradient accumulation; must be a multiple of seq_len x
-    micro_batch_size x data-parallel degree. 0: one micro-batch per replica, so the batch grows with dp."""
+    micro_batch_size x data-parallel degree; it counts rows x seq_len (SFT padding included). 0: one micro-batch
+    per replica, so the batch grows with dp."""
     seed: int = 0
     """Seed of the sample order."""
 
@@ -171,6 +179,9 @@ class EvalSection:
 class TrainSection:
     """The loop itself."""
 
+    task: str = "pretrain"
+    """pretrain (packed token streams, loss on every token) | sft (SFT datasets of `megatron-lc data sft`, loss on
+    answer tokens only, packed as data.sft_packing says)."""
     steps: int = 100
     """Optimizer steps."""
     seed: int = 0
@@ -241,6 +252,10 @@ class TrainConfig:
         _choice("parallel.cp_layout", p.cp_layout, ("zigzag", "contiguous"))
         _choice("schedule.kind", self.schedule.kind, ("cosine", "constant", "warmup_constant"))
         _choice("train.dtype", t.dtype, ("float32", "bfloat16"))
+        _choice("train.task", t.task, ("pretrain", "sft"))
+        _choice("data.sft_packing", d.sft_packing, ("naive", "reset", "pad"))
+        _choice("data.sft_truncate", d.sft_truncate, ("none", "left"))
+        _check_task_keys(t.task, d)
         _choice("train.activation_checkpointing", t.activation_checkpointing, ("none", "full", "every_k", "selective", "offload"))
         _choice("train.device", t.device, ("auto", "cpu", "cuda"))
         from ..ops.dispatch import CHOICES, OPS
@@ -370,6 +385,22 @@ def _check_dataset(key: str, path: str) -> None:
         raise ConfigError(f"{key}={path!r}: {' and '.join(missing)} not found{where}; write the dataset with "
                           f"`megatron-lc data tokenize` (or IndexedDatasetWriter), or set {key} to an existing "
                           f"PREFIX (PREFIX.bin + PREFIX.idx) or the path of either file")
+
+
+def _check_task_keys(task: str, d: DataSection) -> None:
+    """ConfigError for data.* keys that the other train.task would read (none is silently ignored)."""
+    if task == "pretrain":
+        given = [f"data.{k}={getattr(d, k)}" for k, default in (("sft_packing", "naive"), ("sft_truncate", "none"))
+                 if getattr(d, k) != default]
+        if given:
+            raise ConfigError(f"{', '.join(given)} apply to SFT only, but train.task=pretrain: set train.task=sft "
+                              f"(with an SFT dataset of `megatron-lc data sft`) or drop them")
+    else:
+        given = [f"data.{k}=true" for k in ("reset_position_ids", "eod_mask_loss") if getattr(d, k)]
+        if given:
+            raise ConfigError(f"{', '.join(given)} apply to pretraining only, but train.task=sft: SFT labels are "
+                              f"-100 outside answers already; use data.sft_packing=reset for positions that restart "
+                              f"at each chat, or drop them")
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -1,4 +1,5 @@
-"""The trainer's samples, built from ``data.*``: packed GPT samples over Megatron indexed datasets (one, or a blend).
+"""The trainer's samples, built from ``data.*``: packed GPT samples over Megatron indexed datasets (one, or a blend),
+or with ``train.task=sft`` packed SFT rows (megatron_lc.data.sft_samples) over SFT datasets.
 
 The format, packing and loader live in ``megatron_lc.data`` (indexed, samples, loader); this module only maps the
 config onto them. ``data.train_tokens`` / ``data.val_tokens`` name a dataset by its prefix (``PREFIX.bin`` +
@@ -19,6 +20,8 @@ import torch.distributed as dist
 from ..configtools import ConfigError
 from ..data.indexed import IndexedDataset
 from ..data.samples import BlendedSamples, GPTSamples
+from ..data.sft_format import SFTDataset, is_sft_dataset
+from ..data.sft_samples import SFTSamples
 
 
 def _log(message: str) -> None:
@@ -61,6 +64,20 @@ def _datasets(d) -> list[tuple[str, str]]:
     return named + ([("data.val_tokens", d.val_tokens)] if d.val_tokens else [])
 
 
+def check_task(task: str, opened: list[tuple[str, IndexedDataset]]) -> None:
+    """ConfigError naming the key and the fix for a dataset of the other kind than ``task`` wants (an SFT dataset
+    under train.task=pretrain, a plain one under train.task=sft); ``opened``: (config key, dataset)."""
+    for key, ds in opened:
+        if task == "sft" and not is_sft_dataset(ds):
+            raise ConfigError(f"{key} {ds.prefix} is a pretraining dataset (no answer mask), but train.task=sft: give "
+                              f"an SFT dataset written by `megatron-lc data sft CHATS.jsonl --tokenizer ... --out "
+                              f"PREFIX`, or set train.task=pretrain")
+        if task == "pretrain" and is_sft_dataset(ds):
+            raise ConfigError(f"{key} {ds.prefix} is an SFT dataset (chats with an answer mask), but "
+                              f"train.task=pretrain would train on every token of it: set train.task=sft (loss on "
+                              f"answers only), or give a pretraining dataset of `megatron-lc data tokenize`")
+
+
 def fit_vocab(cfg) -> None:
     """Fit the model's vocabulary to the data before anything is built (no process group needed). A fresh model
     from model.preset without its own model.config.vocab_size takes the vocabulary the datasets were written for
@@ -69,6 +86,7 @@ def fit_vocab(cfg) -> None:
     in model.config, a model from model.init_from, data without a recorded vocabulary) the token ids must fit: a
     ConfigError names the override model.config.vocab_size=N. Datasets written for different vocabularies fail."""
     opened = [(key, IndexedDataset(prefix, log=_log)) for key, prefix in _datasets(cfg.data)]
+    check_task(cfg.train.task, opened)
     recorded = {key: ds.vocab_size for key, ds in opened if ds.vocab_size}
     if len(set(recorded.values())) > 1:
         listed = ", ".join(f"{key} ({v} ids)" for key, v in recorded.items())
@@ -91,21 +109,28 @@ def fit_vocab(cfg) -> None:
         _check_ids(ds, key, model.vocab_size, loaded_from=m.init_from)
 
 
-def _samples(prefix: str, key: str, d, vocab_size: int, shuffle: bool) -> GPTSamples:
-    return GPTSamples(open_checked(prefix, key, vocab_size), d.seq_len, seed=d.seed, shuffle=shuffle,
-                      eos_token_id=d.eos_token_id, reset_position_ids=d.reset_position_ids,
-                      eod_mask_loss=d.eod_mask_loss, vocab_size=vocab_size)
+def _samples(prefix: str, key: str, d, vocab_size: int, shuffle: bool, task: str) -> GPTSamples | SFTSamples:
+    ds = open_checked(prefix, key, vocab_size)
+    check_task(task, [(key, ds)])
+    if task == "sft":  # the packing line (chats, rows, padding share) goes to rank 0's stdout
+        sft = SFTDataset(ds.prefix, log=_log)
+        return SFTSamples(sft, d.seq_len, seed=d.seed, shuffle=shuffle, packing=d.sft_packing,
+                          truncate=d.sft_truncate, pad_id=d.eos_token_id, vocab_size=vocab_size, key=key, log=_log)
+    return GPTSamples(ds, d.seq_len, seed=d.seed, shuffle=shuffle, eos_token_id=d.eos_token_id,
+                      reset_position_ids=d.reset_position_ids, eod_mask_loss=d.eod_mask_loss, vocab_size=vocab_size)
 
 
-def train_samples(d, vocab_size: int) -> GPTSamples | BlendedSamples:
-    """Shuffled training samples of ``data.train_tokens``, or the blend ``data.train_blend`` (every member checked)."""
+def train_samples(d, vocab_size: int, task: str = "pretrain") -> GPTSamples | SFTSamples | BlendedSamples:
+    """Shuffled training samples of ``data.train_tokens``, or the blend ``data.train_blend`` (every member
+    checked); ``task`` (train.task): pretrain (GPTSamples) or sft (SFTSamples)."""
     if d.train_blend:
-        return BlendedSamples([_samples(str(p), f"data.train_blend[{i}]", d, vocab_size, True)
+        return BlendedSamples([_samples(str(p), f"data.train_blend[{i}]", d, vocab_size, True, task)
                                for i, (_, p) in enumerate(d.train_blend)],
                               [float(w) for w, _ in d.train_blend])
-    return _samples(d.train_tokens, "data.train_tokens", d, vocab_size, True)
+    return _samples(d.train_tokens, "data.train_tokens", d, vocab_size, True, task)
 
 
-def val_samples(d, vocab_size: int) -> GPTSamples | None:
-    """Validation samples of ``data.val_tokens`` in file order (the same ones every evaluation), or None."""
-    return _samples(d.val_tokens, "data.val_tokens", d, vocab_size, False) if d.val_tokens else None
+def val_samples(d, vocab_size: int, task: str = "pretrain") -> GPTSamples | SFTSamples | None:
+    """Validation samples of ``data.val_tokens`` in file order (the same ones every evaluation), or None; an SFT
+    dataset under train.task=sft gives the loss on its answer tokens."""
+    return _samples(d.val_tokens, "data.val_tokens", d, vocab_size, False, task) if d.val_tokens else None

@@ -27,7 +27,7 @@ from ..configtools import ConfigError
 from .config import ModelSection, TrainConfig
 
 # Keys that fix the weights or the data order: a resume must keep them.
-FIXED = ("data.seq_len", "data.seed", "train.seed", "train.dtype")
+FIXED = ("data.seq_len", "data.seed", "train.seed", "train.dtype", "train.task", "data.sft_packing", "data.sft_truncate")
 # Paths whose content the loader checks against the checkpoint's data fingerprint (a moved dataset may resume).
 CHECKED_BY_CONTENT = ("data.train_tokens", "data.train_blend")
 # ModelConfig fields that change only how memory is tiled, never a weight or a result.

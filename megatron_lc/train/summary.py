@@ -88,7 +88,9 @@ def start_lines(cfg: TrainConfig, model: ModelConfig, sizes: dict[str, int], wor
               f"{model.num_layers} layers, hidden {model.hidden_size})")
     mesh = (f"{PREFIX} mesh: {world} process{'es' if world > 1 else ''} = dp {dp} (dp_replicate "
             f"{sizes['dp_replicate']} x dp_shard {sizes['dp_shard']}) x cp {sizes['cp']} x tp {sizes['tp']}")
-    length = f"{PREFIX} sequence length: {cfg.data.seq_len} tokens (data.seq_len); {cfg.train.steps} steps (train.steps)"
+    task = " of SFT (train.task=sft: loss on answer tokens only)" if cfg.train.task == "sft" else ""
+    length = (f"{PREFIX} sequence length: {cfg.data.seq_len} tokens (data.seq_len); {cfg.train.steps} steps{task} "
+              f"(train.steps)")
     lines = [params, mesh, *batch_lines(cfg, dp, *batch), length]
     folder = run_folder(cfg)
     if folder is None:

@@ -4,7 +4,9 @@ One step: every replica takes ``accumulation`` micro-batches; the step's target 
 over DP x CP first, so each micro-batch's summed loss is scaled to its exact share of the global mean (every target
 token weighs the same however the batch is split; FSDP's averaging over its ranks is undone by the same factor).
 A step without target tokens is skipped and counted; a non-finite loss or gradient norm skips the step, and
-``train.max_bad_steps_in_row`` of them in a row abort the run.
+``train.max_bad_steps_in_row`` of them in a row abort the run. SFT (``train.task=sft``) changes only the samples
+(data_source: labels -100 outside answers), so its loss is the global mean over answer tokens by the same count,
+whichever ranks or micro-batches hold them (a rank with none contributes a zero sum).
 
 The run folders are owned (megatron_lc.train.run_folder): a fresh run refuses another run's folder, a resume takes
 its own over, and every metrics line and checkpoint first checks that no newer process took the folder over. A
@@ -106,8 +108,8 @@ class Trainer:
         self.dp_cp_group = self.dims.get_mesh("dp_cp").get_group()
         self.model_config = cfg.model_config()
         d = cfg.data  # data first: a dataset that does not fit the model's vocabulary stops before the model exists
-        samples = train_samples(d, self.model_config.vocab_size)
-        self.val_samples = val_samples(d, self.model_config.vocab_size)
+        samples = train_samples(d, self.model_config.vocab_size, cfg.train.task)
+        self.val_samples = val_samples(d, self.model_config.vocab_size, cfg.train.task)
         with torch.device("meta"):
             self.model = Transformer(self.model_config)
         param_dtype = torch.bfloat16 if cfg.train.dtype == "bfloat16" else None
