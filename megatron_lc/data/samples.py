@@ -125,7 +125,7 @@ class GPTSamples:
 
     def fingerprint(self) -> str:
         """What fixes the sample order besides the seed: the dataset's fingerprint, seq_len and shuffle."""
-        return _hash("gpt", self.dataset.fingerprint(), self.seq_len, self.shuffle)
+        return fingerprint_of("gpt", self.dataset.fingerprint(), self.seq_len, self.shuffle)
 
     def identity(self) -> dict:
         """{seed, seq_len, fingerprint}: the loader stores it to refuse resuming on other data."""
@@ -216,9 +216,10 @@ class BlendedSamples:
     def identity(self) -> dict:
         ids = [s.identity() for s in self.sources]
         return {"seed": self.seed, "seq_len": self.seq_len,
-                "fingerprint": _hash("blend", [round(float(w), 12) for w in self.weights],
+                "fingerprint": fingerprint_of("blend", [round(float(w), 12) for w in self.weights],
                                      [(i["seed"], i["fingerprint"]) for i in ids])}
 
 
-def _hash(*parts) -> str:
+def fingerprint_of(*parts) -> str:
+    """A short (16 hex digits) sha1 of ``repr(parts)``: the identity of a sample source, stored in checkpoints."""
     return hashlib.sha1(repr(parts).encode()).hexdigest()[:16]

@@ -16,7 +16,6 @@ therefore never predicts the first token of the next one when chats are packed i
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable
 
@@ -25,6 +24,7 @@ import numpy as np
 from ..configtools import ConfigError
 from ..ops.cross_entropy import IGNORE_INDEX
 from .indexed import IndexedDataset, IndexedDatasetWriter, dataset_prefix
+from .samples import fingerprint_of
 
 SFT_KIND = "sft"
 """The ``meta["kind"]`` of an SFT dataset's tokens."""
@@ -113,7 +113,7 @@ class SFTDataset:
 
     def fingerprint(self) -> str:
         """A short hash of both datasets' fingerprints (IndexedDataset.fingerprint)."""
-        return hashlib.sha1(f"{self.tokens.fingerprint()}:{self.mask.fingerprint()}".encode()).hexdigest()[:16]
+        return fingerprint_of("sft-dataset", self.tokens.fingerprint(), self.mask.fingerprint())
 
 
 def aligned_labels(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:

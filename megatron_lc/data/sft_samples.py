@@ -31,7 +31,7 @@ import torch
 
 from ..configtools import ConfigError
 from ..ops.cross_entropy import IGNORE_INDEX
-from .samples import _hash
+from .samples import fingerprint_of
 from .sft_format import SFTDataset, aligned_labels, truncate_left
 
 PACKINGS = ("naive", "reset", "pad")
@@ -211,7 +211,7 @@ class SFTSamples:
     def fingerprint(self) -> str:
         """What fixes the samples besides the seed: the dataset's fingerprint, seq_len, shuffle, packing,
         truncation and padding id."""
-        return _hash("sft", self.dataset.fingerprint(), self.seq_len, self.shuffle, self.packing, self.truncate,
+        return fingerprint_of("sft", self.dataset.fingerprint(), self.seq_len, self.shuffle, self.packing, self.truncate,
                      self.pad_id)
 
     def identity(self) -> dict:
