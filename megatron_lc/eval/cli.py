@@ -19,6 +19,8 @@ import json
 import os
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from ..configtools import ConfigError
 
@@ -140,27 +142,40 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "(none: off)")
 
 
-def context_parallel_from_env(args: argparse.Namespace, mode: str):
-    """Under torchrun (WORLD_SIZE > 1) every rank is one CP rank of one sequence: returns (ContextParallel over all
-    ranks, whether we opened the process group); one process: (None, False). Sets ``args.device`` per rank on CUDA."""
+def resolve_device(args: argparse.Namespace) -> None:
+    """Set ``args.device`` when --device was not given: cuda if there is one, else cpu (resolved at run time, not as
+    the flag's default, so --help imports no torch)."""
+    import torch
+
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@contextmanager
+def context_parallel_from_env(args: argparse.Namespace, mode: str) -> Iterator:
+    """For a ``with`` block: under torchrun (WORLD_SIZE > 1) every rank is one CP rank of one sequence, and the
+    block gets a ContextParallel over all ranks; one process: None. The process group it opens ends with the block
+    (``distributed.process_group``: after a barrier, or at once when the block raised). Resolves ``args.device``,
+    per rank on CUDA."""
+    resolve_device(args)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield None
+        return
     import torch
     import torch.distributed as dist
 
-    if args.device is None:  # resolved here, not as the flag's default: --help must not import torch
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None, False
-    from ..distributed import init_process_group
+    from ..distributed import process_group
     from ..parallel.context_parallel import ContextParallel
     from ..parallel.parallel_dims import ParallelDims
 
     device_type = "cuda" if args.device.startswith("cuda") else "cpu"
-    own_group = init_process_group(device_type)  # on cuda: LOCAL_RANK's device becomes current
-    if device_type == "cuda":
-        args.device = f"cuda:{torch.cuda.current_device()}"
-    dims = ParallelDims(dp_replicate=1, dp_shard=1, cp=dist.get_world_size(), tp=1, world_size=dist.get_world_size())
-    dims.build_mesh(device_type)
-    return ContextParallel(dims.get_mesh("cp"), mode=mode), own_group
+    with process_group(device_type):  # on cuda: LOCAL_RANK's device becomes current
+        if device_type == "cuda":
+            args.device = f"cuda:{torch.cuda.current_device()}"
+        world = dist.get_world_size()
+        dims = ParallelDims(dp_replicate=1, dp_shard=1, cp=world, tp=1, world_size=world)
+        dims.build_mesh(device_type)
+        yield ContextParallel(dims.get_mesh("cp"), mode=mode)
 
 
 # ---- niah -------------------------------------------------------------------------------------------------------
@@ -200,50 +215,48 @@ def run_niah(args: argparse.Namespace) -> dict:
         if value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
     from ..checkpoint.convert import load_model
-    from ..distributed import destroy_process_group
 
-    cp, own_group = context_parallel_from_env(args, "ring")
-    model = load_model(args.model[0], args.dtype, args.device, position_overrides(args))
-    tok, tok_note = model_tokenizer_for(args, model, args.model[0])
-    if cp is None:
-        answer_fn = niah.model_answer_fn(model, tok, args.max_new_tokens)
-    else:  # ring prefill, then decode over each rank's shard of the KV cache
-        if model.config.dual_chunk_attention:
-            raise ConfigError("eval niah under torchrun (sharded decode) does not run Dual Chunk Attention models: run "
-                              "it in one process")
-        cp.apply(model)
-        answer_fn = niah.sharded_answer_fn(model, cp, tok, args.max_new_tokens)
-    rank0 = cp is None or cp.mesh.get_rank() == 0
-    log = (lambda line: print(line, flush=True)) if rank0 else (lambda line: None)
-    log(tok_note)
-    train_length, train_label = _train_length(args, args.model[0], model)
-    if args.lengths:
-        lengths = args.lengths
-    else:
-        top = args.max_length or 2 * train_length
-        lengths = [round(top * (i + 1) / args.num_lengths) for i in range(args.num_lengths)]
-    lengths, depths = niah.parse_grid(lengths, args.depths)
-    t0 = time.perf_counter()
-    haystack = niah.load_haystack(args.haystack, tok, model.config.vocab_size)
-    log(f"haystack: {len(haystack):,} tokens ({args.haystack or 'stdlib docstrings'}); grid {len(lengths)} lengths "
-        f"x {len(depths)} depths x {args.trials} trials; context parallel {cp.size if cp else 1} "
-        f"[{time.perf_counter() - t0:.1f} s]")
-    results = niah.run_grid(answer_fn, tok, haystack, lengths, depths, variant=args.variant, scoring=args.scoring,
-                            trials=args.trials, seed=args.seed, max_new_tokens=args.max_new_tokens,
-                            question_reserve=args.question_reserve, progress=log)
-    results.update(model=args.model[0], train_length=train_length, train_length_label=train_label,
-                   tokenizer=tok_note, cp=cp.size if cp else 1,
-                   rope={"rope_theta": model.config.rope_theta, "rope_scaling": model.config.rope_scaling,
-                         "dual_chunk_attention": model.config.dual_chunk_attention})
-    if rank0:  # every rank holds the same results: one writes them
-        os.makedirs(args.out, exist_ok=True)
-        json_path, png_path = os.path.join(args.out, "niah.json"), os.path.join(args.out, "niah.png")
-        niah.write_json(results, json_path)
-        niah.plot_heatmap(results, png_path, train_length, train_label=train_label)
-        print(_niah_table(results))
-        print(f"mean score {results['overall']:.3f} [{time.perf_counter() - t0:.1f} s]")
-        print(f"wrote {json_path} and {png_path}")
-    destroy_process_group(own_group)
+    with context_parallel_from_env(args, "ring") as cp:
+        model = load_model(args.model[0], args.dtype, args.device, position_overrides(args))
+        tok, tok_note = model_tokenizer_for(args, model, args.model[0])
+        if cp is None:
+            answer_fn = niah.model_answer_fn(model, tok, args.max_new_tokens)
+        else:  # ring prefill, then decode over each rank's shard of the KV cache
+            if model.config.dual_chunk_attention:
+                raise ConfigError("eval niah under torchrun (sharded decode) does not run Dual Chunk Attention models: run "
+                                  "it in one process")
+            cp.apply(model)
+            answer_fn = niah.sharded_answer_fn(model, cp, tok, args.max_new_tokens)
+        rank0 = cp is None or cp.mesh.get_rank() == 0
+        log = (lambda line: print(line, flush=True)) if rank0 else (lambda line: None)
+        log(tok_note)
+        train_length, train_label = _train_length(args, args.model[0], model)
+        if args.lengths:
+            lengths = args.lengths
+        else:
+            top = args.max_length or 2 * train_length
+            lengths = [round(top * (i + 1) / args.num_lengths) for i in range(args.num_lengths)]
+        lengths, depths = niah.parse_grid(lengths, args.depths)
+        t0 = time.perf_counter()
+        haystack = niah.load_haystack(args.haystack, tok, model.config.vocab_size)
+        log(f"haystack: {len(haystack):,} tokens ({args.haystack or 'stdlib docstrings'}); grid {len(lengths)} lengths "
+            f"x {len(depths)} depths x {args.trials} trials; context parallel {cp.size if cp else 1} "
+            f"[{time.perf_counter() - t0:.1f} s]")
+        results = niah.run_grid(answer_fn, tok, haystack, lengths, depths, variant=args.variant, scoring=args.scoring,
+                                trials=args.trials, seed=args.seed, max_new_tokens=args.max_new_tokens,
+                                question_reserve=args.question_reserve, progress=log)
+        results.update(model=args.model[0], train_length=train_length, train_length_label=train_label,
+                       tokenizer=tok_note, cp=cp.size if cp else 1,
+                       rope={"rope_theta": model.config.rope_theta, "rope_scaling": model.config.rope_scaling,
+                             "dual_chunk_attention": model.config.dual_chunk_attention})
+        if rank0:  # every rank holds the same results: one writes them
+            os.makedirs(args.out, exist_ok=True)
+            json_path, png_path = os.path.join(args.out, "niah.json"), os.path.join(args.out, "niah.png")
+            niah.write_json(results, json_path)
+            niah.plot_heatmap(results, png_path, train_length, train_label=train_label)
+            print(_niah_table(results))
+            print(f"mean score {results['overall']:.3f} [{time.perf_counter() - t0:.1f} s]")
+            print(f"wrote {json_path} and {png_path}")
     return results
 
 
@@ -310,7 +323,6 @@ def run_loss(args: argparse.Namespace) -> dict:
     import torch.distributed as dist
 
     from ..checkpoint.convert import load_model
-    from ..distributed import destroy_process_group
     from . import loss_by_length as lbl
 
     for flag, value in {"--samples": args.samples, "--batch-size": args.batch_size,
@@ -320,52 +332,51 @@ def run_loss(args: argparse.Namespace) -> dict:
     names = _model_names(args.model)
     _domain_paths(args)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cp, own_group = context_parallel_from_env(args, args.cp_mode)
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    t0 = time.perf_counter()
-    results, edges, train, cached = {}, None, None, None
-    for path, model_name in zip(args.model, names):
-        model = load_model(path, args.dtype, args.device, position_overrides(args))
-        tok = None
-        if _needs_tokenizer(args):
-            tok, tok_note = model_tokenizer_for(args, model, path)
-            if rank0:
-                print(f"{path}: {tok_note}", flush=True)
-        seq_len = args.seq_len or model.config.max_position_embeddings
-        bucket = args.bucket_size or (4096 if seq_len >= 32768 else max(1, seq_len // 8))
-        model_edges = lbl.bucket_edges(seq_len, bucket)
-        if edges is not None and model_edges != edges:
-            raise ConfigError(f"models differ in max_position_embeddings; pass --seq-len to compare {args.model}")
-        edges = model_edges
-        train = train or _train_length(args, path, model)  # the first model's
-        if cp is not None:
-            cp.apply(model)
-        # Models sharing a tokenizer are scored on the same tokens: encode the domains once per tokenizer.
-        key = (model.config.vocab_size, None if tok is None else (type(tok).__name__, tok.name, tok.vocab_size))
-        if cached is None or cached[0] != key:
-            cached = (key, _domains(args, tok, model.config.vocab_size))
-        domains = cached[1]
-        results[model_name] = per_domain = {}
-        for name, tokens in domains.items():
-            windows = lbl.windows_from_tokens(tokens, seq_len, args.samples, name)
-            per_domain[name] = lbl.loss_by_position(model, windows, bucket, cp, args.batch_size, args.chunk_tokens)
-            if rank0:
-                print(f"{path}: {name}: {args.samples} x {seq_len} tokens, loss {per_domain[name].average():.4f} "
-                      f"[{time.perf_counter() - t0:.1f} s]", flush=True)
-    train_length, train_label = train
-    out = lbl.results_to_json(results, edges)
-    out.update(seq_len=edges[-1], cp=world, train_length=train_length, train_length_label=train_label,
-               model_paths=dict(zip(names, args.model)))
-    if rank0:
-        os.makedirs(args.out, exist_ok=True)
-        json_path, png_path = os.path.join(args.out, "loss_by_length.json"), os.path.join(args.out, "loss_by_length.png")
-        with open(json_path, "w") as f:
-            json.dump(out, f, indent=1)
-        lbl.plot_loss(results, edges, png_path, train_length if train_length < edges[-1] else None, train_label)
-        print(lbl.format_table(results, edges))
-        print(f"wrote {json_path} and {png_path}")
-    out["table"] = lbl.format_table(results, edges)
-    destroy_process_group(own_group)
+    with context_parallel_from_env(args, args.cp_mode) as cp:
+        rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        t0 = time.perf_counter()
+        results, edges, train, cached = {}, None, None, None
+        for path, model_name in zip(args.model, names):
+            model = load_model(path, args.dtype, args.device, position_overrides(args))
+            tok = None
+            if _needs_tokenizer(args):
+                tok, tok_note = model_tokenizer_for(args, model, path)
+                if rank0:
+                    print(f"{path}: {tok_note}", flush=True)
+            seq_len = args.seq_len or model.config.max_position_embeddings
+            bucket = args.bucket_size or (4096 if seq_len >= 32768 else max(1, seq_len // 8))
+            model_edges = lbl.bucket_edges(seq_len, bucket)
+            if edges is not None and model_edges != edges:
+                raise ConfigError(f"models differ in max_position_embeddings; pass --seq-len to compare {args.model}")
+            edges = model_edges
+            train = train or _train_length(args, path, model)  # the first model's
+            if cp is not None:
+                cp.apply(model)
+            # Models sharing a tokenizer are scored on the same tokens: encode the domains once per tokenizer.
+            key = (model.config.vocab_size, None if tok is None else (type(tok).__name__, tok.name, tok.vocab_size))
+            if cached is None or cached[0] != key:
+                cached = (key, _domains(args, tok, model.config.vocab_size))
+            domains = cached[1]
+            results[model_name] = per_domain = {}
+            for name, tokens in domains.items():
+                windows = lbl.windows_from_tokens(tokens, seq_len, args.samples, name)
+                per_domain[name] = lbl.loss_by_position(model, windows, bucket, cp, args.batch_size, args.chunk_tokens)
+                if rank0:
+                    print(f"{path}: {name}: {args.samples} x {seq_len} tokens, loss {per_domain[name].average():.4f} "
+                          f"[{time.perf_counter() - t0:.1f} s]", flush=True)
+        train_length, train_label = train
+        out = lbl.results_to_json(results, edges)
+        out.update(seq_len=edges[-1], cp=world, train_length=train_length, train_length_label=train_label,
+                   model_paths=dict(zip(names, args.model)))
+        if rank0:
+            os.makedirs(args.out, exist_ok=True)
+            json_path, png_path = os.path.join(args.out, "loss_by_length.json"), os.path.join(args.out, "loss_by_length.png")
+            with open(json_path, "w") as f:
+                json.dump(out, f, indent=1)
+            lbl.plot_loss(results, edges, png_path, train_length if train_length < edges[-1] else None, train_label)
+            print(lbl.format_table(results, edges))
+            print(f"wrote {json_path} and {png_path}")
+        out["table"] = lbl.format_table(results, edges)
     return out
 
 
@@ -403,7 +414,6 @@ def add_qa_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_qa(args: argparse.Namespace) -> dict:
-    from ..distributed import destroy_process_group
     from . import qa
 
     if len(args.model) != 1:
@@ -417,14 +427,8 @@ def run_qa(args: argparse.Namespace) -> dict:
     qa.length_edges([1], args.length_buckets)  # a bad --length-buckets fails before the model loads
     items = qa.read_items(args.data, qa.resolve_template(args.template))[:args.limit]
     qa.check_prompts(items, not args.no_chat, None if args.no_default_system else args.system)
-    cp, own_group = context_parallel_from_env(args, "ring")
-    try:
-        results = _run_qa(args, items, cp)
-    except BaseException:
-        destroy_process_group(own_group, barrier=False)  # the other ranks fail the same way or time out
-        raise
-    destroy_process_group(own_group)
-    return results
+    with context_parallel_from_env(args, "ring") as cp:
+        return _run_qa(args, items, cp)
 
 
 def _run_qa(args: argparse.Namespace, items: list, cp) -> dict:

@@ -106,17 +106,10 @@ def run_generate(args: argparse.Namespace) -> str:
     """Print the completion of the prompt (stdout, rank 0) and return it."""
     _check_sampling(args)
     prompt = _read_prompt(args)
-    from ..distributed import destroy_process_group
     from ..eval.cli import context_parallel_from_env
 
-    cp, own_group = context_parallel_from_env(args, "ring")  # under torchrun: every rank one CP rank of this prompt
-    try:
-        text = _generate(args, prompt, cp)
-    except BaseException:
-        destroy_process_group(own_group, barrier=False)  # the other ranks fail the same way or time out
-        raise
-    destroy_process_group(own_group)
-    return text
+    with context_parallel_from_env(args, "ring") as cp:  # under torchrun: every rank one CP rank of this prompt
+        return _generate(args, prompt, cp)
 
 
 def _generate(args: argparse.Namespace, prompt: str, cp) -> str:
@@ -181,10 +174,10 @@ def run_chat(args: argparse.Namespace) -> int:
                           "longer than one device holds, use megatron-lc generate under torchrun")
     _check_sampling(args)
     from ..data.chat_template import IM_END
-    from ..eval.cli import context_parallel_from_env
+    from ..eval.cli import resolve_device
     from .chat import ChatSession, chat_loop
 
-    context_parallel_from_env(args, "ring")  # one process: resolves --device only
+    resolve_device(args)
     model, tok, tok_note = _load(args)
     generator, how = _generator(args)
     session = ChatSession(model, tok, system=args.system, max_new_tokens=args.max_new_tokens,
