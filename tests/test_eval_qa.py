@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from megatron_lc.cli import main
+from megatron_lc.configtools import ConfigError
 from megatron_lc.data.tokenizer import Bytes
 from megatron_lc.eval import qa
 
@@ -123,7 +124,7 @@ SYNTH = [{"messages": [{"role": "user", "content": DOCS + "\n\nWho built the mil
                   "depth": 0.05},
                  {"turn": 1, "question": "Who painted the bridge?", "answers": ["Tom Reed"], "gold_docs": [1],
                   "depth": 0.6}],
-          "meta": {"kind": "multi-doc", "seed": 0, "length_tokens": 180}}]
+          "meta": {"kind": "multi-doc", "seed": 0, "length_tokens": 180, "titles": ["Mills", "Bridges"]}}]
 LONGBENCH = [{"input": "In which year was the mill built?", "context": "Passage 1:\nThe mill was built in 1871.",
               "answers": ["1871"], "length": 6, "_id": "lb-0"},
              {"input": "What colour is the bridge?", "context": "Passage 1:\nThe bridge is green. " * 3,
@@ -160,6 +161,20 @@ def test_synthetic_prompts_hold_earlier_turns_with_gold_answers(data):
         "question based on the given passages. Only give me the answer and do not output any other words.\n\n"
         "Question: In which year was the mill built?\nAnswer:")
     assert qa.prompt_text(lb).endswith("Answer:<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_drop_gold_asks_each_question_without_its_gold_document(data):
+    """--drop-gold (the no-evidence control): question 1 loses the Mills document, question 2 the Bridges one; the
+    other document is renumbered 1; a LongBench record (no gold documents) is refused naming its line."""
+    synth, longbench = data
+    first, second = qa.read_items([synth], drop_gold=True)
+    bridges = "Document 1 (title: Bridges):\nThe old bridge was painted green by Tom Reed."
+    mills = "Document 1 (title: Mills):\nThe mill on the river was built by Ada Stone in 1871."
+    assert first.messages == [{"role": "user", "content": bridges + "\n\nWho built the mill?"}]
+    assert second.messages[0]["content"] == mills + "\n\nWho built the mill?"
+    assert second.messages[1:] == SYNTH[0]["messages"][1:3]
+    with pytest.raises(ConfigError, match=r"longbench.jsonl:1: --drop-gold applies to synth-qa chats"):
+        qa.read_items([longbench], drop_gold=True)
 
 
 def test_chatml_markers_encode_to_single_ids(tmp_path):

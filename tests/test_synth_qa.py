@@ -265,3 +265,44 @@ def test_documents_left_out_are_counted(tmp_path, capsys):
     assert report["read"]["corrupt"] == 1 and "in.jsonl:4" in report["read"]["corrupt_lines"][0]
     out = capsys.readouterr().out
     assert "1 left out: ChatML marker in the text" in out and "in.jsonl:4" in out
+
+
+def test_without_gold_documents_the_key_is_gone_and_the_rest_kept(corpus, tmp_path):
+    """The control of a QA eval: each question's gold documents taken out of its chat; the other documents stay
+    verbatim, in order, renumbered from 1; the questions and answers are untouched; the quoted key is gone."""
+    out = tmp_path / "md.jsonl"
+    _run(corpus / "docs.jsonl", "--length", "2048", "--num", 12, "--questions", 3, "--compare-share", 0.3,
+         "--out", out)
+    checked = 0
+    for r in _records(out):
+        first, titles = r["messages"][0]["content"], r["meta"]["titles"]
+        for q in r["qa"]:
+            messages = synth_qa.without_documents(r, q["gold_docs"])
+            assert messages[1:] == r["messages"][1:] and r["messages"][0]["content"] == first  # a copy
+            context = messages[0]["content"]
+            assert context.endswith("\n\n" + r["qa"][0]["question"])
+            kept = [k for k in range(len(titles)) if k not in q["gold_docs"]]
+            for n, k in enumerate(kept, 1):  # each kept document whole, under its new number, in order
+                text = first.split(f"Document {k + 1} (title: {titles[k]}):\n", 1)[1]
+                text = text.split("\n\nDocument ", 1)[0].split("\n\n" + r["qa"][0]["question"])[0]
+                assert f"Document {n} (title: {titles[k]}):\n{text}\n\n" in context
+            assert f"Document {len(kept) + 1} (title: " not in context
+            if "right after" in q["question"] and len(q["gold_docs"]) == 1:
+                phrase = q["question"].split('right after "', 1)[1][:-2]
+                assert context.count(phrase) == (1 if q["turn"] == 0 else 0)  # only in the question itself
+                checked += 1
+    assert checked > 20
+    with pytest.raises(ValueError, match="no header"):
+        synth_qa.without_documents({"messages": [{"role": "user", "content": "no documents"}],
+                                    "qa": [{"question": "q"}], "meta": {"titles": ["a"]}}, [0])
+
+
+def test_one_word_keys():
+    """phrase_words=1: each word after the first is asked about with the word before it as the key (a one-word
+    key still needs a letter)."""
+    import random
+
+    pairs = synth_qa.RuleBasedWriter(phrase_words=1, answer_words=(1, 1)).write("alpha beta 42 gamma", "T",
+                                                                                 random.Random(0))
+    assert [(p.key, p.answer) for p in pairs] == [("alpha", "beta"), ("beta", "42")]
+    assert pairs[1].value == 42.0 and pairs[0].question == 'In document "T", which word comes right after "alpha"?'

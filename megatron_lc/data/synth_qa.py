@@ -128,8 +128,8 @@ class RuleBasedWriter(QAWriter):
 
     def _pair(self, line: str, words: list, i: int, offset: int, title: str, rng: random.Random) -> QAPair | None:
         phrase_words = words[i - self.phrase_words:i]
-        if sum(any(c.isalpha() for c in w.group()) for w in phrase_words) < 2:  # a key of symbols says nothing
-            return None
+        if sum(any(c.isalpha() for c in w.group()) for w in phrase_words) < min(2, self.phrase_words):
+            return None  # a key of symbols says nothing
         phrase = line[phrase_words[0].start():phrase_words[-1].end()]
         first = words[i].group().strip(_EDGE_PUNCT)
         if _NUMBER.fullmatch(first):
@@ -612,6 +612,32 @@ class Generator:
         other = kb if gold[0] == ka else ka
         self._mark_asked(asked, a, b)
         return question, answer, [gold[0], other], blocks[gold[0]].offset + gold[1], "compare"
+
+
+# ---- the no-evidence control -----------------------------------------------------------------------------------
+def without_documents(record: dict, drop: Iterable[int]) -> list[dict]:
+    """The messages of ``record`` (a synth-qa chat) with documents ``drop`` (indexes of ``meta.titles``) taken out
+    of the context and the others renumbered from 1, as if they had been drawn alone. The control of a QA eval: a
+    model that answers from the context cannot answer a question whose gold documents are gone. ValueError when
+    the first user message is not laid out as this module writes it (a header per title, in order)."""
+    titles, first = record["meta"]["titles"], record["messages"][0]["content"]
+    heads, at = [], 0
+    for number, title in enumerate(titles, 1):
+        at = first.find(document_header(number, title), at)
+        if at < 0:
+            raise ValueError(f"the context has no header {document_header(number, title)!r}: not a synth-qa chat")
+        heads.append(at)
+    question_at = first.rfind(SEPARATOR + record["qa"][0]["question"]) if record["qa"] else len(first)
+    if question_at < heads[-1]:
+        raise ValueError("the first question is not after the documents: not a synth-qa chat")
+    ends = [h - len(SEPARATOR) for h in heads[1:]] + [question_at]
+    drop = set(drop)
+    kept = [(titles[k], first[heads[k] + len(document_header(k + 1, titles[k])):ends[k]])
+            for k in range(len(titles)) if k not in drop]
+    context = SEPARATOR.join(document_header(n, title) + text for n, (title, text) in enumerate(kept, 1))
+    messages = [dict(m) for m in record["messages"]]
+    messages[0]["content"] = context + first[question_at:]
+    return messages
 
 
 # ---- the stage ----------------------------------------------------------------------------------------------

@@ -406,6 +406,9 @@ def add_qa_args(p: argparse.ArgumentParser) -> None:
                    help="greedy tokens per answer; it ends earlier at <|im_end|> or EOS (default 32, LongBench's "
                         "for multi-doc QA)")
     p.add_argument("--limit", type=int, default=None, help="answer only the first N questions (default: all)")
+    p.add_argument("--drop-gold", action="store_true",
+                   help="synth-qa chats: ask each question with its gold documents taken out of the context (the "
+                        "no-evidence control: a model that reads the context scores near zero)")
     p.add_argument("--length-buckets", type=_int_list, default=None,
                    help="prompt-length bucket edges in tokens, e.g. 4000,8000 for LongBench-E's 0-4K, 4-8K, 8K+ "
                         "(default: powers of two)")
@@ -425,7 +428,7 @@ def run_qa(args: argparse.Namespace) -> dict:
     if args.max_length is not None and args.max_length < 2:
         raise ConfigError(f"--max-length must be >= 2 (a first and a last half), got {args.max_length}")
     qa.length_edges([1], args.length_buckets)  # a bad --length-buckets fails before the model loads
-    items = qa.read_items(args.data, qa.resolve_template(args.template))[:args.limit]
+    items = qa.read_items(args.data, qa.resolve_template(args.template), args.drop_gold)[:args.limit]
     qa.check_prompts(items, not args.no_chat, None if args.no_default_system else args.system)
     with context_parallel_from_env(args, "ring") as cp:
         return _run_qa(args, items, cp)
@@ -463,8 +466,8 @@ def _run_qa(args: argparse.Namespace, items: list, cp) -> dict:
     records = qa.run_items(items, tok, generate_fn, max_length, chat=not args.no_chat, system=system, progress=log)
     results = qa.summarize(records, args.length_buckets, args.depth_buckets)
     train_length, train_label = _train_length(args, args.model[0], model)
-    results.update(model=args.model[0], data=args.data, template=args.template, chat=not args.no_chat,
-                   system=system, max_length=max_length, max_new_tokens=args.max_new_tokens, tokenizer=tok_note,
+    results.update(model=args.model[0], data=args.data, drop_gold=args.drop_gold, template=args.template,
+                   chat=not args.no_chat, system=system, max_length=max_length, max_new_tokens=args.max_new_tokens, tokenizer=tok_note,
                    cp=cp.size if cp else 1, train_length=train_length, train_length_label=train_label,
                    seconds=round(time.perf_counter() - t0, 2))
     if rank0:  # every rank holds the same answers: one writes them

@@ -135,7 +135,7 @@ def _longbench_item(record: dict, where: str, template: str) -> QAItem:
                   answers=list(record["answers"]), prompt=prompt, length=length if isinstance(length, int) else None)
 
 
-def _synthetic_items(record: dict, where: str) -> list[QAItem]:
+def _synthetic_items(record: dict, where: str, drop_gold: bool = False) -> list[QAItem]:
     messages, qa = record["messages"], record["qa"]
     if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
         raise ConfigError(f"{where}: 'messages' must be a list of {{'role', 'content'}} objects")
@@ -154,15 +154,34 @@ def _synthetic_items(record: dict, where: str) -> list[QAItem]:
         depth = q.get("depth")
         if depth is not None and not (isinstance(depth, (int, float)) and 0 <= depth <= 1):
             raise ConfigError(f"{where}: qa[{k}]['depth'] must be in [0, 1] (or absent), got {depth!r}")
+        chat = _without_gold(record, q, where) if drop_gold else messages
         items.append(QAItem(id=f"{where}:q{k}", where=where, form="synthetic", question=str(q.get("question", "")),
                             answers=list(q["answers"]),
-                            messages=messages[:answer_at[turn]], depth=None if depth is None else float(depth)))
+                            messages=chat[:answer_at[turn]], depth=None if depth is None else float(depth)))
     return items
 
 
-def read_items(paths: Iterable[str], template: str = TEMPLATES["multi-doc"]) -> list[QAItem]:
+def _without_gold(record: dict, q: dict, where: str) -> list[dict]:
+    """The chat's messages with ``q``'s gold documents out of its context (synth_qa.without_documents)."""
+    from ..data.synth_qa import without_documents
+
+    gold = q.get("gold_docs")
+    titles = record.get("meta", {}).get("titles") if isinstance(record.get("meta"), dict) else None
+    if not (isinstance(gold, list) and gold and isinstance(titles, list)
+            and all(isinstance(g, int) and 0 <= g < len(titles) for g in gold)):
+        raise ConfigError(f"{where}: --drop-gold needs each question's 'gold_docs' (indexes of meta.titles) and "
+                          f"'meta.titles', as data synth-qa writes them; got gold_docs {gold!r:.40}")
+    try:
+        return without_documents(record, gold)
+    except ValueError as e:
+        raise ConfigError(f"{where}: --drop-gold: {e}") from None
+
+
+def read_items(paths: Iterable[str], template: str = TEMPLATES["multi-doc"], drop_gold: bool = False) -> list[QAItem]:
     """Every question of the JSONL (or .jsonl.gz) files ``paths``, in order. A line that is not JSON, of neither
-    form, or with a bad field is a ConfigError naming its file:line, before any model work."""
+    form, or with a bad field is a ConfigError naming its file:line, before any model work. ``drop_gold``: each
+    synthetic question is asked with its gold documents taken out of the context (the no-evidence control);
+    LongBench records have no gold documents, so they are refused then."""
     from ..data.documents import raw_lines
 
     items = []
@@ -178,8 +197,11 @@ def read_items(paths: Iterable[str], template: str = TEMPLATES["multi-doc"]) -> 
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ConfigError(f"{where}: not JSON ({e})") from None
             if isinstance(record, dict) and "messages" in record and "qa" in record:
-                items.extend(_synthetic_items(record, where))
+                items.extend(_synthetic_items(record, where, drop_gold))
             elif isinstance(record, dict) and "answers" in record and "input" in record:
+                if drop_gold:
+                    raise ConfigError(f"{where}: --drop-gold applies to synth-qa chats, whose gold documents are "
+                                      f"known; this is a LongBench record")
                 items.append(_longbench_item(record, where, template))
             else:
                 keys = sorted(record) if isinstance(record, dict) else type(record).__name__
