@@ -162,8 +162,24 @@ def _stale(corpus, run):
     return errors
 
 
+def _complete(corpus, run):
+    from megatron_lc.train.trainer import train
+
+    _trainer(corpus, ["train.steps=2", f"checkpoint.dir={run}"]).run()
+    _trainer(corpus, ["train.steps=4", f"checkpoint.dir={run}-stopped"]).run(until=2)  # stopped, not ended
+    out = {}
+    for name, folder in (("ended", run), ("stopped", run + "-stopped")):
+        before, printed = _listing(folder), io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            history = train(_cfg(corpus, [f"train.steps={2 if name == 'ended' else 4}", f"checkpoint.dir={folder}",
+                                          "checkpoint.resume=auto"]))
+        out[name] = {"steps": [h["step"] for h in history], "printed": printed.getvalue(),
+                     "unchanged": _listing(folder) == before}
+    return out
+
+
 SCENARIOS = {"fresh": _fresh, "prune": _prune, "append": _append, "changed_config": _changed_config,
-             "stale": _stale}
+             "stale": _stale, "complete": _complete}
 
 
 def _scenarios_job(rank, world, corpus, root):
@@ -244,6 +260,17 @@ def test_resume_with_a_changed_config(scenarios):
     for line in ("optim.lr: 0.003 -> 0.001 (applied)", "schedule.kind: 'cosine' -> 'constant' (applied)",
                  "train.steps: 6 -> 8 (applied)", "optim.weight_decay: 0.1 -> 0.05 (applied)"):
         assert line in out["printed"], (line, out["printed"])
+
+
+def test_resume_auto_of_a_run_that_ended_is_a_success_that_touches_nothing(scenarios):
+    """A requeued job, or a torchrun restart after the last save: resume=auto finds the checkpoint at the run's own
+    train.steps, says so and returns without training or writing a byte; a run stopped before its end trains on."""
+    run, out = _result(scenarios, "complete")
+    ended, stopped = out["ended"], out["stopped"]
+    assert ended["steps"] == [] and ended["unchanged"], ended
+    assert f"the run is already complete: {run}/step_2 is step 2 of train.steps=2" in ended["printed"], ended
+    assert stopped["steps"] == [3, 4] and not stopped["unchanged"], stopped
+    assert "already complete" not in stopped["printed"]
 
 
 # ---- case 10: a newer process took the folder over --------------------------------------------------------------

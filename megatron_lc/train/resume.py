@@ -23,7 +23,9 @@ import dataclasses
 import json
 from typing import Any
 
+from ..checkpoint import folders as ckpt
 from ..configtools import ConfigError
+from ..distributed import on_rank0
 from .config import ModelSection, TrainConfig
 
 # Keys that fix the weights or the data order: a resume must keep them.
@@ -103,6 +105,37 @@ def check(cfg: TrainConfig, state: dict, path: str, batch_tokens: int) -> list[s
     if lines:
         lines.insert(0, f"[megatron-lc] config changes since {path} (checkpoint -> now):")
     return lines
+
+
+def finished_run(cfg: TrainConfig) -> str | None:
+    """The checkpoint that already ends the run ``cfg`` asks for, or None; collective. Only under
+    checkpoint.resume=auto (a requeued job, a torchrun restart after the last save): the newest complete checkpoint
+    holds a resumable state whose step is its own train.steps and cfg's, and its files verify. Anything else (no
+    checkpoint, an unreadable or corrupt one, other steps) is None and left to the normal resume, which falls back
+    past corrupt checkpoints or names the problem."""
+    c = cfg.checkpoint
+    if c.resume != "auto" or not c.dir:
+        return None
+
+    def look():
+        path = ckpt.latest_checkpoint(c.dir)
+        try:
+            state = ckpt.read_trainer_state(path) if path else None
+        except ckpt.CheckpointError:
+            return None
+        if not state or not state.get("has_optimizer"):
+            return None
+        ends = int(state["step"]) == int(state["config"]["train"]["steps"]) == cfg.train.steps
+        return path if ends else None
+
+    path = on_rank0(look)
+    if path is None:
+        return None
+    try:
+        ckpt.verify(path)
+    except ckpt.CorruptCheckpoint:
+        return None
+    return path
 
 
 def optimizer_hparams(optimizer) -> list[dict]:

@@ -392,6 +392,12 @@ def train(cfg: TrainConfig) -> list[dict[str, float]]:
     timeout_s = cfg.parallel.timeout_s
     with (process_group(_device(cfg).type, timeout_s=timeout_s), launcher_watchdog(timeout_s),
           timeout_errors(TIMEOUT_KEY, timeout_s)):
+        done = resume.finished_run(cfg)
+        if done:  # a requeue or restart of a run that ended: success, and nothing is loaded or written
+            if dist.get_rank() == 0:
+                print(f"[megatron-lc] the run is already complete: {done} is step {cfg.train.steps} of "
+                      f"train.steps={cfg.train.steps}; nothing to train (raise train.steps to train on)", flush=True)
+            return []
         trainer = Trainer(cfg)
         history = trainer.run()
     if trainer.stopped_by:
