@@ -281,6 +281,10 @@ def parse_range(text: str, flag: str) -> tuple[int, int]:
     return pair
 
 
+class _NoRoom(ConfigError):
+    """No document fits the context budget left after the reserve for the questions."""
+
+
 # ---- the generator ----------------------------------------------------------------------------------------------
 @dataclass
 class SynthConfig:
@@ -396,23 +400,38 @@ class Generator:
         """Chat ``index`` of length ``target`` tokens: the record described in the module docstring."""
         rng = random.Random(f"synth-qa:{self.cfg.seed}:{self.cfg.kind}:{target}:{index}")
         self._target = target
-        reserve = self._reserve  # tokens for the system turn, the questions and answers: measured below
+        reserve = self._reserve  # tokens for the system turn, the questions and answers: first a guess, then measured
+        best = None  # (tokens, record, counts, blocks) of the longest try within the target
         for _ in range(self.TRIES):
             state = rng.getstate()
-            blocks = self._blocks(target - reserve, rng)
+            try:
+                blocks = self._blocks(target - reserve, rng)
+            except _NoRoom:
+                if reserve == 0:
+                    raise
+                reserve //= 2  # the guess left no room for a document (short questions, a short target)
+                rng.setstate(state)
+                continue
             record, counts = self._questions(blocks, rng)
             if not record["qa"]:  # no usable fact in these documents: draw others (the rng has moved on)
                 self.stats.redrawn += 1
                 continue
             n = self.chat_tokens(record["messages"])
             if n <= target:
-                break
-            reserve += n - target + 16
+                if best is None or n > best[0]:
+                    best = (n, record, counts, blocks)
+                short = target - n
+                if short <= max(32, target // 20) or reserve == 0:  # filled to near the target
+                    break
+                reserve = max(0, reserve - short + 16)  # the guess was too big (short questions): fill the rest
+            else:
+                reserve += n - target + 16
             rng.setstate(state)
-        else:
+        if best is None:
             raise ConfigError(f"chat {index} of --length {target}: no chat with a question within its target after "
                               f"{self.TRIES} tries: use a longer --length or fewer --questions, or documents with "
                               f"more text")
+        n, record, counts, blocks = best
         st = self.stats
         st.chats += 1
         st.lengths.setdefault(target, []).append(n)
@@ -455,7 +474,7 @@ class Generator:
             titles.add(doc.title)
             used += self.count(document_header(len(blocks), doc.title) + text) + sep
         if not blocks:
-            raise ConfigError(f"no document fits a context of {budget} tokens: use a longer --length")
+            raise _NoRoom(f"no document fits a context of {budget} tokens: use a longer --length")
         rng.shuffle(blocks)
         return blocks
 

@@ -28,6 +28,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--answer-words", default="1-3", metavar="LO-HI",
                    help="--writer rule: a copy question's answer is this many words, drawn per question (default "
                         "1-3; the question says how many)")
+    p.add_argument("--key-words", type=int, default=5, metavar="N",
+                   help="--writer rule: words in a question's quoted key phrase (default 5); the key is unique in "
+                        "its context, so with 1 only words that occur once there are asked about")
     p.add_argument("--seed", type=int, default=0, help="the same seed gives byte-identical output (default 0)")
     p.add_argument("--tokenizer", default="bytes",
                    help="counts the tokens of --length: sentencepiece .model, HF tokenizer.json or folder, or "
@@ -74,7 +77,10 @@ def run(args: argparse.Namespace) -> int:
         writer = synth_qa.OpenAIWriter(args.api_base, args.api_model, os.environ.get(args.api_key_env) or None,
                                        questions=args.questions)
     else:
-        writer = synth_qa.RuleBasedWriter(answer_words=synth_qa.parse_range(args.answer_words, "--answer-words"))
+        if args.key_words < 1:
+            raise ConfigError(f"--key-words {args.key_words}: want at least 1")
+        writer = synth_qa.RuleBasedWriter(phrase_words=args.key_words,
+                                          answer_words=synth_qa.parse_range(args.answer_words, "--answer-words"))
     tokenizer = load_tokenizer(args.tokenizer)
     read = ReadReport()
     pool, skipped = synth_qa.load_pool(args.inputs, args.text_key, args.source_key, args.title_key, args.on_error,
