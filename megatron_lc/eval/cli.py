@@ -468,9 +468,8 @@ def _run_qa(args: argparse.Namespace, items: list, cp) -> dict:
     train_length, train_label = _train_length(args, args.model[0], model)
     results.update(model=args.model[0], data=args.data, drop_gold=args.drop_gold, template=args.template,
                    chat=not args.no_chat, system=system, max_length=max_length, max_new_tokens=args.max_new_tokens,
-                   tokenizer=tok_note,
-                   cp=cp.size if cp else 1, train_length=train_length, train_length_label=train_label,
-                   seconds=round(time.perf_counter() - t0, 2))
+                   tokenizer=tok_note, cp=cp.size if cp else 1, train_length=train_length,
+                   train_length_label=train_label, seconds=round(time.perf_counter() - t0, 2))
     if rank0:  # every rank holds the same answers: one writes them
         os.makedirs(args.out, exist_ok=True)
         json_path, png_path = os.path.join(args.out, "qa_results.json"), os.path.join(args.out, "qa_results.png")

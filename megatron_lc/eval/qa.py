@@ -166,7 +166,8 @@ def _without_gold(record: dict, q: dict, where: str) -> list[dict]:
     from ..data.synth_qa import without_documents
 
     gold = q.get("gold_docs")
-    titles = record.get("meta", {}).get("titles") if isinstance(record.get("meta"), dict) else None
+    meta = record.get("meta")
+    titles = meta.get("titles") if isinstance(meta, dict) else None
     if not (isinstance(gold, list) and gold and isinstance(titles, list)
             and all(isinstance(g, int) and 0 <= g < len(titles) for g in gold)):
         raise ConfigError(f"{where}: --drop-gold needs each question's 'gold_docs' (indexes of meta.titles) and "
